@@ -1,0 +1,250 @@
+"""How targets are installed and removed.
+
+Every patch is a wrapt ``FunctionWrapper`` placed with ``wrapt.wrap_object`` and
+taken off with ``wrapt.unwrap_object``, so removal restores the very object that
+was there before and splices us out from under wrapt wrappers other libraries
+put on top. A target is installed while anyone holds it: the process-wide switch
+(``apply``/``remove``) or any open ``patched()`` scope. One re-entrant lock
+guards all of it, so no thread ever sees a target half-installed.
+
+Targets are declared here by name only; a target's own module (which imports
+torch or transformers) is imported when the library it patches is imported, via
+wrapt's post-import hooks. So ``import attnpatch`` and ``attnpatch.apply()``
+import nothing heavy, and modules that load later (transformers imports model
+code lazily) are patched when they load.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+import threading
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import wrapt
+
+logger = logging.getLogger("attnpatch")
+
+
+class AttnPatchWarning(UserWarning):
+    """A target could not be installed (e.g. the installed library version lacks it)."""
+
+
+# target name -> (module whose import triggers it, module that implements it)
+TARGETS: dict[str, tuple[str, str]] = {
+    "sdpa": ("torch", "attnpatch.targets.torch_sdpa"),
+    "mha": ("torch", "attnpatch.targets.torch_mha"),
+    "transformer": ("torch", "attnpatch.targets.torch_transformer"),
+    "hf_attention": ("transformers", "attnpatch.targets.hf_attention"),
+    "hf_generate": ("transformers", "attnpatch.targets.hf_generate"),
+    "hf_tokenizer": ("transformers", "attnpatch.targets.hf_tokenizer"),
+}
+
+
+def register_target(name: str, trigger: str, implementation: str) -> None:
+    """Declare a target; used by the built-in table above and by extensions."""
+    TARGETS[name] = (trigger, implementation)
+
+
+@dataclass(eq=False)
+class PatchPoint:
+    """One attribute that a target wraps: ``module.path`` (path may be dotted, e.g.
+    ``"LlamaAttention.forward"``), wrapped with the wrapt-style ``wrapper``.
+
+    ``prepare(original)`` may build the wrapper from the original object at install
+    time instead (used to clone a function); it returns a wrapper or raises
+    ``Skip`` to leave the point alone.
+    """
+
+    module: str
+    path: str
+    wrapper: Callable[..., Any] | None = None
+    prepare: Callable[[Any], Callable[..., Any]] | None = None
+    optional: bool = False  # absent in some library versions: skip quietly
+    handle: Any = field(default=None, repr=False)
+    state: str = "off"  # off | installed | deferred | skipped | displaced
+    note: str = ""
+    enabled: bool = True  # read by wrappers: False turns a stuck wrapper into a pass-through
+
+    @property
+    def qualname(self) -> str:
+        return f"{self.module}.{self.path}"
+
+    def install(self, module: Any) -> None:
+        if self.handle is not None:
+            return
+        try:
+            _, _, original = wrapt.resolve_path(module, self.path)
+        except Exception:  # noqa: BLE001 - any lookup failure means "not in this version"
+            self._skip(f"{self.qualname} not found in this version")
+            return
+        try:
+            wrapper = self.prepare(original) if self.prepare else self.wrapper
+        except Skip as why:
+            self._skip(str(why))
+            return
+        self.enabled = True
+        self.handle = wrapt.wrap_object(module, self.path, wrapt.FunctionWrapper, (wrapper,))
+        self.state, self.note = "installed", ""
+        logger.debug("attnpatch: installed %s", self.qualname)
+
+    def remove(self) -> None:
+        if self.handle is None:
+            self.state = "off"
+            return
+        module = sys.modules.get(self.module)
+        try:
+            removed = module is not None and wrapt.unwrap_object(
+                module, self.path, self.handle, missing_ok=True
+            )
+        except (wrapt.WrapperNotOutermostError, wrapt.WrapperChainTooDeepError) as exc:
+            removed = None
+            self.note = f"left in place as a pass-through: {exc}"
+        if removed:
+            self.handle, self.state, self.note = None, "off", ""
+        else:
+            # Someone replaced or covered us with a non-wrapt wrapper. We cannot
+            # restore without breaking theirs, so our wrapper stays where it is
+            # and passes every call straight through.
+            self.enabled = False
+            self.handle = None
+            self.state = "displaced"
+            self.note = self.note or "replaced by another library; left alone"
+        logger.debug("attnpatch: removed %s (%s)", self.qualname, self.state)
+
+    def _skip(self, why: str) -> None:
+        self.state, self.note = "skipped", why
+        if not self.optional and why not in _warned:
+            _warned.add(why)
+            warnings.warn(f"attnpatch: {why}", AttnPatchWarning, stacklevel=4)
+
+
+_warned: set[str] = set()  # one warning per reason per process, never one per call
+
+
+class Skip(Exception):
+    """Raised by ``PatchPoint.prepare`` to leave a point unpatched, with the reason."""
+
+
+_lock = threading.RLock()
+_holders: Counter[str] = Counter()  # target name -> how many holders want it
+_switch: frozenset[str] = frozenset()  # targets held by apply()
+_installed: set[str] = set()
+_points: dict[str, list[PatchPoint]] = {}  # target name -> its points, once loaded
+_hooked: set[str] = set()  # module names with our post-import hook registered
+
+
+def resolve_targets(targets: str | Iterable[str] | None = None, **options: bool) -> frozenset[str]:
+    """Turn ``targets`` (None = all, a name, a comma list or an iterable) and
+    ``name=True/False`` options into a set of target names."""
+    if targets is None or targets in ("1", "all", "true", "True", "yes", "on"):
+        chosen = set(TARGETS)
+    else:
+        if isinstance(targets, str):
+            targets = [t for t in targets.replace(" ", "").split(",") if t]
+        chosen = set(targets)
+    for name, on in options.items():
+        if name not in TARGETS:
+            raise TypeError(f"unknown attnpatch option {name!r}; targets are {sorted(TARGETS)}")
+        (chosen.add if on else chosen.discard)(name)
+    unknown = chosen - set(TARGETS)
+    if unknown:
+        raise ValueError(f"unknown attnpatch target(s) {sorted(unknown)}; known: {sorted(TARGETS)}")
+    return frozenset(chosen)
+
+
+def set_switch(targets: frozenset[str]) -> None:
+    global _switch
+    with _lock:
+        _holders.subtract(_switch)
+        _holders.update(targets)
+        _switch = targets
+        _sync()
+
+
+def acquire(targets: frozenset[str]) -> None:
+    with _lock:
+        _holders.update(targets)
+        _sync()
+
+
+def release(targets: frozenset[str]) -> None:
+    with _lock:
+        _holders.subtract(targets)
+        _sync()
+
+
+def _sync() -> None:
+    """Install every held target and remove every target no one holds."""
+    for name in TARGETS:
+        wanted = _holders[name] > 0
+        if wanted and name not in _installed:
+            _installed.add(name)
+            _install_target(name)
+        elif not wanted and name in _installed:
+            _installed.discard(name)
+            for point in _points.get(name, ()):
+                point.remove()
+
+
+def _install_target(name: str, only_module: str | None = None) -> None:
+    trigger, implementation = TARGETS[name]
+    if name not in _points:
+        if trigger not in sys.modules:
+            _hook(trigger)
+            return
+        _points[name] = list(importlib.import_module(implementation).POINTS)
+        only_module = None
+    for point in _points[name]:
+        if only_module is not None and point.module != only_module:
+            continue
+        module = sys.modules.get(point.module)
+        if module is None:
+            point.state = "deferred"
+            _hook(point.module)
+        else:
+            point.install(module)
+
+
+def _hook(module_name: str) -> None:
+    if module_name not in _hooked:
+        _hooked.add(module_name)
+        wrapt.register_post_import_hook(_on_import, module_name)
+
+
+def _on_import(module: Any) -> None:
+    # Runs inside the user's `import`: it must never make that import fail.
+    try:
+        with _lock:
+            for name in TARGETS:
+                if name in _installed:
+                    _install_target(name, only_module=module.__name__)
+    except Exception as exc:  # noqa: BLE001
+        warnings.warn(f"attnpatch: could not patch {module.__name__}: {exc!r}", AttnPatchWarning, stacklevel=2)
+
+
+def status() -> dict[str, dict[str, Any]]:
+    """Per target: whether it is held, and the state of each of its patch points."""
+    with _lock:
+        report = {}
+        for name, (trigger, _) in TARGETS.items():
+            points = _points.get(name)
+            if name not in _installed:
+                state = "off"
+            elif points is None:
+                state = f"deferred until {trigger} is imported"
+            else:
+                states = {p.state for p in points}
+                state = "installed" if "installed" in states else "deferred" if "deferred" in states else "skipped"
+            report[name] = {
+                "state": state,
+                "holders": _holders[name],
+                "points": [
+                    {"target": p.qualname, "state": p.state, "note": p.note} for p in points or ()
+                ],
+            }
+        return report

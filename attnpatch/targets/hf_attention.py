@@ -1,0 +1,3 @@
+"""Target ``hf_attention``: placeholder until implemented (no patch points yet)."""
+
+POINTS: list = []

@@ -1,0 +1,3 @@
+"""Target ``hf_generate``: placeholder until implemented (no patch points yet)."""
+
+POINTS: list = []

@@ -1,0 +1,3 @@
+"""Target ``hf_tokenizer``: placeholder until implemented (no patch points yet)."""
+
+POINTS: list = []

@@ -1,0 +1,167 @@
+"""Target ``mha``: every path of ``nn.MultiheadAttention``.
+
+Knows torch 2.4 - 2.13. Two patch points, both module-level functions (a wrapt
+wrapper on an ``nn.Module`` class's ``forward`` breaks dynamo's guards, so the
+module classes themselves are never touched):
+
+* ``torch.nn.functional.multi_head_attention_forward`` (training, grad, and every
+  case the fast path declines). We run a copy of PyTorch's *own* function object
+  (same code, so valid rows are bitwise identical) whose global ``softmax`` is
+  ``aten._safe_softmax`` (0 for an all ``-inf`` row, with a finite backward) and
+  whose ``scaled_dot_product_attention`` is the sanitised one. A fully masked
+  row, even in only some heads, then has weights 0 and attention output 0, so
+  the returned row is ``out_proj(0)``: its bias.
+* ``torch._native_multi_head_attention`` (the inference fast path). The kernel
+  gets a mask whose fully masked rows admit every key; those output rows are then
+  set to ``out_proj.bias`` and their weight rows to 0. Rows masked in only some
+  heads (possible with a per-head 3-D ``attn_mask``) cannot be fixed from outside
+  the fused kernel, so they alone are recomputed on the Python path above.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from attnpatch import masks
+from attnpatch._patching import PatchPoint, Skip
+from attnpatch.targets import get_arg, with_arg
+from attnpatch.targets import torch_sdpa
+
+MASK, NEED_WEIGHTS, AVERAGE, MASK_TYPE = 9, 10, 11, 12  # _native_multi_head_attention
+PROJ_BIAS = 8
+
+
+def _safe_softmax(input: Tensor, dim: int | None = None, _stacklevel: int = 3, dtype: Any = None) -> Tensor:
+    if dim is None:
+        return F.softmax(input, dim, _stacklevel, dtype)
+    # The aten op (not torch._safe_softmax) so that dynamo can trace it.
+    return torch.ops.aten._safe_softmax.default(input, dim, dtype)
+
+
+def _sanitised_sdpa(*args: Any, **kwargs: Any) -> Tensor:
+    current = F.scaled_dot_product_attention
+    if torch_sdpa.POINT.handle is not None and current is torch_sdpa.POINT.handle:
+        return current(*args, **kwargs)  # the sdpa target already sanitises
+    return torch_sdpa.safe_sdpa(current, args, kwargs)
+
+
+_safe_mha_forward: Callable[..., Any] | None = None  # the copy, built at install time
+
+
+def _prepare_mha_forward(original: Any) -> Callable[..., Any]:
+    global _safe_mha_forward
+    if type(original) is not types.FunctionType:
+        raise Skip(
+            "torch.nn.functional.multi_head_attention_forward is already wrapped by "
+            f"something else ({type(original).__name__}); attnpatch leaves it alone"
+        )
+    namespace = dict(original.__globals__)
+    namespace["softmax"] = _safe_softmax
+    namespace["scaled_dot_product_attention"] = _sanitised_sdpa
+    # Re-dispatch from __torch_function__ handling (used by torch.compile's
+    # tracing modes) must come back to the sanitised copy, not the original.
+    namespace["multi_head_attention_forward"] = _dispatch_again
+    clone = types.FunctionType(
+        original.__code__, namespace, original.__name__, original.__defaults__, original.__closure__
+    )
+    clone.__kwdefaults__ = original.__kwdefaults__
+    clone.__qualname__ = original.__qualname__
+    clone.__module__ = original.__module__
+    clone.__doc__ = original.__doc__
+    _safe_mha_forward = clone
+    return _mha_forward_wrapper
+
+
+def _dispatch_again(*args: Any, **kwargs: Any) -> Any:
+    return F.multi_head_attention_forward(*args, **kwargs)
+
+
+def _mha_forward_wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple, kwargs: dict) -> Any:
+    if not MHA_FORWARD.enabled or _safe_mha_forward is None:
+        return wrapped(*args, **kwargs)
+    return _safe_mha_forward(*args, **kwargs)
+
+
+def _rows_per_query(head_rows: Tensor, mask_type: int) -> Tensor:
+    """Fully masked rows of a native-kernel mask, as (B, L)-broadcastable flags
+    that are True only where every head is fully masked."""
+    if mask_type == 0:  # (L, S) attn_mask
+        return head_rows.view(1, -1)
+    if mask_type == 1:  # (B, S) key padding mask: a fully padded batch element
+        return head_rows.view(-1, 1)
+    return head_rows.all(1)  # (B, H, L, S) merged mask
+
+
+def _native_mha_wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple, kwargs: dict) -> Any:
+    mask = get_arg(args, kwargs, MASK, "mask")
+    if not NATIVE_MHA.enabled or not isinstance(mask, Tensor):
+        return wrapped(*args, **kwargs)
+    try:
+        mask_type = get_arg(args, kwargs, MASK_TYPE, "mask_type")
+        need_weights = get_arg(args, kwargs, NEED_WEIGHTS, "need_weights", True)
+        average = get_arg(args, kwargs, AVERAGE, "average_attn_weights", True)
+        bias = get_arg(args, kwargs, PROJ_BIAS, "proj_bias")
+        if mask_type not in (0, 1, 2) or mask.shape[-1] == 0:
+            return wrapped(*args, **kwargs)
+        head_rows = masks.fully_masked_rows(mask, drop=True)
+        if masks.may_inspect_values(mask) and not head_rows.any():
+            return wrapped(*args, **kwargs)
+        rows = _rows_per_query(head_rows, mask_type)
+        per_head = mask_type == 2 and mask.shape[1] > 1 and mask.stride(1) != 0
+        safe_args, safe_kwargs = with_arg(args, kwargs, MASK, "mask", masks.admit_rows(mask, head_rows, drop=True))
+    except Exception:  # noqa: BLE001 - malformed input: let PyTorch raise its own error
+        return wrapped(*args, **kwargs)
+
+    out, weights = wrapped(*safe_args, **safe_kwargs)
+    out = masks.clear_rows(out, rows, bias)
+    if need_weights:
+        weights = masks.clear_rows(weights, rows if average else _per_head(head_rows, mask_type))
+    if per_head and masks.may_inspect_values(mask):
+        # Rows masked in some heads only: NaN without attnpatch, and the fused
+        # kernel cannot zero one head of a row. Recompute just those (CPU, where
+        # looking is free). On CUDA this would need a host sync or a second full
+        # pass, so there they stay finite but not zero in the masked heads.
+        some_heads = head_rows.any(1) & ~rows
+        if some_heads.any():
+            slow_out, slow_weights = _python_path(args, kwargs, mask, need_weights, average)
+            out = torch.where(some_heads.unsqueeze(-1), slow_out, out)
+            if need_weights:
+                flags = some_heads if average else some_heads.unsqueeze(1)
+                weights = torch.where(flags.unsqueeze(-1), slow_weights, weights)
+    return out, weights
+
+
+def _per_head(head_rows: Tensor, mask_type: int) -> Tensor:
+    """Fully masked rows as (B, H, L)-broadcastable flags, per head."""
+    if mask_type == 0:
+        return head_rows.view(1, 1, -1)
+    if mask_type == 1:
+        return head_rows.view(-1, 1, 1)
+    return head_rows
+
+
+def _python_path(args: tuple, kwargs: dict, mask: Tensor, need_weights: bool, average: bool) -> tuple[Tensor, Tensor]:
+    """The same attention computed by the sanitised Python path (batch_first)."""
+    names = ("query", "key", "value", "embed_dim", "num_head", "qkv_weight", "qkv_bias", "proj_weight", "proj_bias")
+    q, k, v, embed_dim, num_heads, qkv_weight, qkv_bias, proj_weight, proj_bias = (
+        get_arg(args, kwargs, i, name) for i, name in enumerate(names)
+    )
+    batch, heads, tgt_len, src_len = mask.shape
+    forward = _safe_mha_forward or F.multi_head_attention_forward
+    out, weights = forward(
+        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), embed_dim, num_heads,
+        qkv_weight, qkv_bias, None, None, False, 0.0, proj_weight, proj_bias,
+        training=False, need_weights=need_weights, average_attn_weights=average,
+        attn_mask=mask.reshape(batch * heads, tgt_len, src_len),
+    )
+    return out.transpose(0, 1), weights
+
+
+MHA_FORWARD = PatchPoint("torch.nn.functional", "multi_head_attention_forward", prepare=_prepare_mha_forward)
+NATIVE_MHA = PatchPoint("torch", "_native_multi_head_attention", _native_mha_wrapper)
+POINTS = [MHA_FORWARD, NATIVE_MHA]
