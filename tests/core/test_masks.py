@@ -91,10 +91,28 @@ def test_may_inspect_values_only_for_plain_cpu_tensors():
     dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16]),
     mask_rank=st.sampled_from([2, 3, 4]),
     as_float=st.booleans(),
+    nan_kernel=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_patched_sdpa_matches_float64_reference(batch, heads, q_len, k_len, dim, dtype, mask_rank, as_float, seed):
-    """Masked rows exactly 0, other rows close to float64, bitwise to unpatched."""
+def test_patched_sdpa_matches_float64_reference(batch, heads, q_len, k_len, dim, dtype, mask_rank, as_float, nan_kernel, seed):
+    """Masked rows exactly 0, other rows close to float64, bitwise to unpatched;
+    with torch's kernel and with a NaN-producing stand-in underneath."""
+    import torch.nn.functional as F
+
+    import attnpatch
+
+    from .helpers import naive_sdpa
+
+    real_sdpa = F.scaled_dot_product_attention
+    if nan_kernel:
+        F.scaled_dot_product_attention = naive_sdpa
+    try:
+        _check_sdpa_example(batch, heads, q_len, k_len, dim, dtype, mask_rank, as_float, seed)
+    finally:
+        F.scaled_dot_product_attention = real_sdpa
+
+
+def _check_sdpa_example(batch, heads, q_len, k_len, dim, dtype, mask_rank, as_float, seed):
     import torch.nn.functional as F
 
     import attnpatch
@@ -116,6 +134,7 @@ def test_patched_sdpa_matches_float64_reference(batch, heads, q_len, k_len, dim,
     assert torch.equal(patched[rows], torch.zeros_like(patched[rows]))
     valid = ~rows
     assert torch.equal(patched[valid], unpatched[valid])
+    assert not patched.isnan().any()
     expected = reference_attention(q, k, v, keep.expand(batch, heads, q_len, k_len))
     tol = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 3e-2}[dtype]
     torch.testing.assert_close(patched.double(), expected, atol=tol, rtol=tol)

@@ -66,7 +66,7 @@ def test_nan_kernel_gradients_finite_and_zero_from_masked_rows(nan_kernel):
         pytest.param(lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m[:, :, :, :]), id="view"),
     ],
 )
-def test_call_shapes_are_preserved(call):
+def test_call_shapes_are_preserved(nan_kernel, call):
     keep = left_padded_keep_mask([2, 5], L)
     q, k, v = _qkv()
     unpatched = call(q, k, v, keep)
