@@ -15,6 +15,9 @@ large negative, NaN) is a score bias and never counts as masked.
 
 from __future__ import annotations
 
+import weakref
+from typing import Callable
+
 import torch
 from torch import Tensor
 
@@ -29,9 +32,33 @@ def fully_masked_rows(mask: Tensor, *, drop: bool = False) -> Tensor:
     row "not fully masked" so NaN propagates exactly as without attnpatch.
     """
     if mask.dtype == torch.bool:
-        return mask.all(-1) if drop else ~mask.any(-1)
+        if _packs_into_int32(mask):
+            # CPU reductions over bool are byte at a time; over int32 words they
+            # are vectorised (about 100x faster). A bool byte is 0 or 1, so a row
+            # is all False when every word is 0 and all True when every word is
+            # 0x01010101, the largest word a bool row can hold.
+            words = mask.view(torch.int32)
+            return words.amin(-1) == _ALL_TRUE_WORD if drop else words.amax(-1) == 0
+        if mask.shape[-1] == 0:
+            return mask.all(-1) if drop else ~mask.any(-1)  # empty rows: all() is True
+        return mask.amin(-1) if drop else ~mask.amax(-1)
     # One reduction pass; amax propagates NaN and NaN == -inf is False.
     return mask.amax(-1) == NEG_INF
+
+
+_ALL_TRUE_WORD = 0x01010101
+
+
+def _packs_into_int32(mask: Tensor) -> bool:
+    """Whether ``mask.view(torch.int32)`` is allowed: rows of whole, aligned words."""
+    return (
+        mask.dim() > 0
+        and mask.shape[-1] > 0
+        and mask.shape[-1] % 4 == 0
+        and mask.stride(-1) == 1
+        and mask.storage_offset() % 4 == 0
+        and all(stride % 4 == 0 for stride in mask.stride()[:-1])
+    )
 
 
 def admit_rows(mask: Tensor, rows: Tensor, *, drop: bool = False) -> Tensor:
@@ -60,6 +87,76 @@ def clear_rows(out: Tensor, rows: Tensor, fill: Tensor | None = None) -> Tensor:
     return torch.where(flagged, fill.to(out.dtype), out)
 
 
+def clear_result_rows(out: Tensor, rows: Tensor, fill: Tensor | None = None) -> Tensor:
+    """``clear_rows`` for a result the caller does not hold yet (a kernel's fresh
+    output): in place when autograd is not recording it, which saves a copy of
+    the whole output. With autograd recording, the kernel may have saved ``out``
+    for its backward, so it is cleared out of place."""
+    if out.requires_grad and torch.is_grad_enabled():
+        return clear_rows(out, rows, fill)
+    if may_inspect_values(out):
+        # On CPU a boolean index writes just the flagged rows (given a whole row
+        # as the value); masked_fill_ and where walk every element.
+        value = torch.zeros(out.shape[-1], dtype=out.dtype) if fill is None else fill.to(out.dtype)
+        out[rows.expand(out.shape[:-1])] = value
+        return out
+    flagged = rows.unsqueeze(-1)
+    if fill is None:
+        return out.masked_fill_(flagged, 0.0)
+    return torch.where(flagged, fill.to(out.dtype), out, out=out)
+
+
+# drop flag -> (weak reference to a mask, its _version, rows, safe mask). One
+# entry per convention: the layers of one forward pass reuse one mask tensor,
+# so the first layer pays for the mask pass and the others look it up. The
+# entry goes when its mask is freed.
+_last_mask: dict[bool, tuple[weakref.ref, int, Tensor, Tensor | None]] = {}
+
+
+def rows_and_safe_mask(mask: Tensor, *, drop: bool = False) -> tuple[Tensor, Tensor | None]:
+    """``fully_masked_rows(mask)`` and ``admit_rows(mask, rows)``; the safe mask is
+    ``None`` when the rows could be looked at (``may_inspect_values``) and none is
+    fully masked, so the call needs no change.
+
+    The answer for the last mask seen is kept, keyed on the tensor's identity and
+    its version counter (bumped by every in-place change), and the mask itself
+    is only weakly held. Not cached: tensor subclasses, masks that require grad
+    (the safe mask would carry a stale graph), inference tensors (no version
+    counter) and anything while torch.compile traces.
+    """
+    cacheable = (
+        type(mask) is torch.Tensor
+        and not mask.requires_grad
+        and not mask.is_inference()
+        and not torch.compiler.is_compiling()
+    )
+    if cacheable:
+        hit = _last_mask.get(drop)
+        if hit is not None and hit[0]() is mask and hit[1] == mask._version:
+            return hit[2], hit[3]
+    rows = fully_masked_rows(mask, drop=drop)
+    if may_inspect_values(mask) and not rows.any():
+        safe = None
+    else:
+        safe = admit_rows(mask, rows, drop=drop)
+    if cacheable:
+        _last_mask[drop] = (weakref.ref(mask, _forget_entry(drop)), mask._version, rows, safe)
+    return rows, safe
+
+
+def _forget_entry(drop: bool) -> Callable[[weakref.ref], None]:
+    """Callback for when a cached mask dies: drop its entry with it, so that a
+    safe mask never outlives the mask it was made from (no memory held between
+    calls for masks built afresh each time)."""
+
+    def forget(ref: weakref.ref) -> None:
+        entry = _last_mask.get(drop)
+        if entry is not None and entry[0] is ref:
+            _last_mask.pop(drop, None)
+
+    return forget
+
+
 def may_inspect_values(tensor: Tensor) -> bool:
     """Whether reading a value of ``tensor`` on the host is free and allowed here.
 
@@ -69,6 +166,62 @@ def may_inspect_values(tensor: Tensor) -> bool:
     """
     return (
         type(tensor) is torch.Tensor
-        and tensor.device.type == "cpu"
+        and tensor.is_cpu  # cheaper than tensor.device.type, which builds a device object
         and not torch.compiler.is_compiling()
     )
+
+
+# --- transformers conventions -------------------------------------------------
+# transformers' mask builders mark a masked key with the dtype's lowest finite
+# value (eager masks) as well as with False (SDPA masks) or -inf (custom masks),
+# and a generate() batch describes its padding with a (batch, tokens) 0/1 mask.
+
+
+def hf_fully_masked_rows(mask: Tensor) -> Tensor:
+    """Like ``fully_masked_rows`` for a keep-convention mask, but a float row also
+    counts as fully masked when every entry is ``-inf`` or the dtype's lowest
+    finite value: for transformers both mean "this key is masked"."""
+    if mask.dtype == torch.bool:
+        return ~mask.any(-1)
+    # amax propagates NaN, and NaN <= lowest is False: a NaN row stays as it is.
+    return mask.amax(-1) <= torch.finfo(mask.dtype).min
+
+
+def right_padding_lengths(attention_mask: Tensor) -> Tensor | None:
+    """Per row, the number of real tokens of a right-padded (batch, tokens) mask.
+
+    None unless every row is a run of kept tokens followed by a run of padding and
+    at least one row is padded: left padding, holes and unpadded batches are not
+    right padding. Reads values (one host sync): for generate(), not hot paths.
+    """
+    keep = attention_mask != 0
+    lengths = keep.sum(-1)
+    positions = torch.arange(keep.shape[-1], device=keep.device)
+    if not torch.equal(keep, positions < lengths.unsqueeze(-1)):
+        return None
+    padded = (lengths > 0) & (lengths < keep.shape[-1])
+    return lengths if bool(padded.any()) else None
+
+
+def trailing_pad_lengths(input_ids: Tensor, pad_token_ids: list[int]) -> Tensor | None:
+    """Per row, the number of tokens before the run of pad tokens that ends the row.
+
+    None when no row ends with a pad, or when any row starts with one (left
+    padding, or a row of nothing but pads: not ours to guess).
+    """
+    is_pad = torch.isin(input_ids, torch.tensor(pad_token_ids, device=input_ids.device))
+    if bool(is_pad[:, 0].any()):
+        return None
+    # Every row starts with a real token, so the flipped argmax finds the last one.
+    trailing = (~is_pad).flip(-1).int().argmax(-1)
+    return input_ids.shape[-1] - trailing if bool((trailing > 0).any()) else None
+
+
+def shift_right(tensor: Tensor, shifts: Tensor) -> Tensor:
+    """``tensor`` with row ``b`` rotated ``shifts[b]`` places to the right along dim 1
+    (the tokens that fall off the end come back at the front). Moves values, never
+    computes them, so the moved tokens are bitwise the same."""
+    batch, tokens = tensor.shape[:2]
+    index = (torch.arange(tokens, device=tensor.device) - shifts.to(tensor.device).unsqueeze(-1)) % tokens
+    index = index.view(batch, tokens, *[1] * (tensor.ndim - 2)).expand_as(tensor)
+    return tensor.gather(1, index)

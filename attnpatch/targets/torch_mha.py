@@ -39,8 +39,38 @@ PROJ_BIAS = 8
 def _safe_softmax(input: Tensor, dim: int | None = None, _stacklevel: int = 3, dtype: Any = None) -> Tensor:
     if dim is None:
         return F.softmax(input, dim, _stacklevel, dtype)
+    if masks.may_inspect_values(input) and dim in (-1, input.dim() - 1) and input.numel() > 0:
+        return _ZeroRowsSoftmax.apply(input, dtype)
     # The aten op (not torch._safe_softmax) so that dynamo can trace it.
     return torch.ops.aten._safe_softmax.default(input, dim, dtype)
+
+
+class _ZeroRowsSoftmax(torch.autograd.Function):
+    """``aten._safe_softmax`` over the last dim, for eager CPU, at the cost of a
+    plain softmax. The aten op finds all ``-inf`` rows with an elementwise compare,
+    a bool reduction and a ``where``: three more passes over the scores. Here a
+    plain softmax runs, and only rows whose first weight came out NaN are looked
+    at; those whose scores are all ``-inf`` are set to 0 in place (NaN from NaN
+    or ``+inf`` scores stays, as without attnpatch). The backward is softmax's
+    own, on the saved output, so it matches ``_safe_softmax`` (and, saved as an
+    output, it is differentiable again for double backward)."""
+
+    @staticmethod
+    def forward(ctx: Any, input: Tensor, dtype: Any) -> Tensor:
+        out = torch.softmax(input, -1, dtype=dtype)
+        nan_rows = out[..., 0].isnan()
+        if nan_rows.any():
+            index = nan_rows.nonzero(as_tuple=True)
+            all_masked = input[index].amax(-1) == masks.NEG_INF
+            out[tuple(i[all_masked] for i in index)] = 0
+        ctx.save_for_backward(out)
+        ctx.input_dtype = input.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        (out,) = ctx.saved_tensors
+        return torch._softmax_backward_data(grad, out, -1, ctx.input_dtype), None
 
 
 def _sanitised_sdpa(*args: Any, **kwargs: Any) -> Tensor:
@@ -55,10 +85,12 @@ _safe_mha_forward: Callable[..., Any] | None = None  # the copy, built at instal
 
 def _prepare_mha_forward(original: Any) -> Callable[..., Any]:
     global _safe_mha_forward
-    if type(original) is not types.FunctionType:
+    if type(original) is not types.FunctionType or original.__module__ != "torch.nn.functional":
+        # Cloning another library's replacement would not reach torch's softmax.
         raise Skip(
             "torch.nn.functional.multi_head_attention_forward is already wrapped by "
-            f"something else ({type(original).__name__}); attnpatch leaves it alone"
+            f"something else ({type(original).__name__} {getattr(original, '__module__', '?')}."
+            f"{getattr(original, '__qualname__', '?')}); attnpatch leaves it alone"
         )
     namespace = dict(original.__globals__)
     namespace["softmax"] = _safe_softmax
@@ -82,7 +114,7 @@ def _dispatch_again(*args: Any, **kwargs: Any) -> Any:
 
 
 def _mha_forward_wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple, kwargs: dict) -> Any:
-    if not MHA_FORWARD.enabled or _safe_mha_forward is None:
+    if _safe_mha_forward is None:
         return wrapped(*args, **kwargs)
     return _safe_mha_forward(*args, **kwargs)
 
@@ -94,12 +126,12 @@ def _rows_per_query(head_rows: Tensor, mask_type: int) -> Tensor:
         return head_rows.view(1, -1)
     if mask_type == 1:  # (B, S) key padding mask: a fully padded batch element
         return head_rows.view(-1, 1)
-    return head_rows.all(1)  # (B, H, L, S) merged mask
+    return head_rows.amin(1)  # (B, H, L, S) merged mask; amin: bool all() over a middle dim is slow on CPU
 
 
 def _native_mha_wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple, kwargs: dict) -> Any:
     mask = get_arg(args, kwargs, MASK, "mask")
-    if not NATIVE_MHA.enabled or not isinstance(mask, Tensor):
+    if not isinstance(mask, Tensor):
         return wrapped(*args, **kwargs)
     try:
         mask_type = get_arg(args, kwargs, MASK_TYPE, "mask_type")
@@ -108,25 +140,35 @@ def _native_mha_wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple,
         bias = get_arg(args, kwargs, PROJ_BIAS, "proj_bias")
         if mask_type not in (0, 1, 2) or mask.shape[-1] == 0:
             return wrapped(*args, **kwargs)
-        head_rows = masks.fully_masked_rows(mask, drop=True)
-        if masks.may_inspect_values(mask) and not head_rows.any():
-            return wrapped(*args, **kwargs)
+        inspect = masks.may_inspect_values(mask)
+        if inspect:
+            head_rows = masks.fully_masked_rows(mask, drop=True)
+            if not head_rows.any():
+                return wrapped(*args, **kwargs)
+            # Attention and the output projection are row by row, so a fully
+            # masked row's NaN stays in its own output row, which is overwritten
+            # below: the kernel can take the caller's mask as it is, and the
+            # copy of a (B, H, L, S) mask that opening the rows would need is saved.
+            call_args, call_kwargs = args, kwargs
+        else:
+            head_rows, safe_mask = masks.rows_and_safe_mask(mask, drop=True)
+            call_args, call_kwargs = with_arg(args, kwargs, MASK, "mask", safe_mask)
         rows = _rows_per_query(head_rows, mask_type)
         per_head = mask_type == 2 and mask.shape[1] > 1 and mask.stride(1) != 0
-        safe_args, safe_kwargs = with_arg(args, kwargs, MASK, "mask", masks.admit_rows(mask, head_rows, drop=True))
     except Exception:  # noqa: BLE001 - malformed input: let PyTorch raise its own error
         return wrapped(*args, **kwargs)
 
-    out, weights = wrapped(*safe_args, **safe_kwargs)
-    out = masks.clear_rows(out, rows, bias)
+    out, weights = wrapped(*call_args, **call_kwargs)
+    # The fast path runs without autograd, so its fresh results are fixed in place.
+    out = masks.clear_result_rows(out, rows, bias)
     if need_weights:
-        weights = masks.clear_rows(weights, rows if average else _per_head(head_rows, mask_type))
-    if per_head and masks.may_inspect_values(mask):
+        weights = masks.clear_result_rows(weights, rows if average else _per_head(head_rows, mask_type))
+    if per_head and inspect:
         # Rows masked in some heads only: NaN without attnpatch, and the fused
         # kernel cannot zero one head of a row. Recompute just those (CPU, where
         # looking is free). On CUDA this would need a host sync or a second full
         # pass, so there they stay finite but not zero in the masked heads.
-        some_heads = head_rows.any(1) & ~rows
+        some_heads = head_rows.amax(1) & ~rows
         if some_heads.any():
             slow_out, slow_weights = _python_path(args, kwargs, mask, need_weights, average)
             out = torch.where(some_heads.unsqueeze(-1), slow_out, out)

@@ -4,6 +4,11 @@ Knows torch 2.4 - 2.13 (signature ``query, key, value, attn_mask, dropout_p,
 is_causal, scale, enable_gqa``). ``is_causal`` alone never masks a whole row, so
 only calls with an ``attn_mask`` are touched: fully masked rows are given every
 key (finite softmax in any kernel), and their output rows are set to exactly 0.
+
+PyTorch's own CPU kernels (math and flash; torch 2.13 does) already give such rows
+output 0 and zero, finite gradients. Where a check at first use confirms that for
+the running torch, eager calls of the real kernel on plain CPU tensors pass
+straight through: the contract holds and the call costs nothing extra.
 """
 
 from __future__ import annotations
@@ -18,6 +23,54 @@ from attnpatch._patching import PatchPoint
 from attnpatch.targets import get_arg, with_arg
 
 ATTN_MASK = 3  # positional index of attn_mask
+TORCH_SDPA = torch._C._nn.scaled_dot_product_attention  # the kernel entry point itself
+TRUST_SAFE_KERNELS = True  # False forces the sanitise-and-clear path (benchmarks, tests)
+_safe_cpu_dtypes: dict[torch.dtype, bool] = {}  # decided by _check_cpu_kernels() on first use
+
+
+def _check_cpu_kernels(dtype: torch.dtype) -> bool:
+    """Whether both CPU SDPA backends of this torch (math, flash) give a fully
+    masked row output 0, finite gradients and a zero gradient to its query, in
+    ``dtype``. SDPA turns a bool mask into this float mask before either backend
+    runs. The backend ops are called directly: ``sdpa_kernel`` would change
+    process-wide flags under other threads' feet. Two tiny calls, once per dtype."""
+    keep = torch.tensor([[False, False, False], [True, False, False], [True, True, True]])
+    mask = torch.zeros(3, 3, dtype=dtype).masked_fill(~keep, masks.NEG_INF)
+    backends = (
+        lambda q, k, v: torch.ops.aten._scaled_dot_product_attention_math(q, k, v, mask)[0],
+        lambda q, k, v: torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=mask)[0],
+    )
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            for backend in backends:
+                q, k, v = (torch.randn(1, 2, 3, 8, dtype=dtype, requires_grad=True) for _ in range(3))
+                out = backend(q, k, v)
+                out.sum().backward()
+                if not (
+                    bool((out[:, :, 0] == 0).all())
+                    and bool((q.grad[:, :, 0] == 0).all())
+                    and all(bool(t.grad.isfinite().all()) for t in (q, k, v))
+                ):
+                    return False
+    except Exception:  # noqa: BLE001 - a backend that cannot run here proves nothing
+        return False
+    return True
+
+
+def _kernel_is_safe(sdpa: Callable[..., Tensor], query: Any) -> bool:
+    """Whether this call is an eager call of torch's own CPU kernel, known safe."""
+    if not (
+        TRUST_SAFE_KERNELS
+        and sdpa is TORCH_SDPA
+        and isinstance(query, Tensor)
+        and masks.may_inspect_values(query)
+        and not query.is_nested
+    ):
+        return False
+    safe = _safe_cpu_dtypes.get(query.dtype)
+    if safe is None:
+        safe = _safe_cpu_dtypes[query.dtype] = query.is_floating_point() and _check_cpu_kernels(query.dtype)
+    return safe
 
 
 def safe_sdpa(sdpa: Callable[..., Tensor], args: tuple, kwargs: dict) -> Any:
@@ -26,21 +79,21 @@ def safe_sdpa(sdpa: Callable[..., Tensor], args: tuple, kwargs: dict) -> Any:
     if not isinstance(mask, Tensor) or not (mask.dtype == torch.bool or mask.is_floating_point()):
         return sdpa(*args, **kwargs)  # no mask, or one PyTorch will reject itself
     try:
+        if _kernel_is_safe(sdpa, get_arg(args, kwargs, 0, "query")):
+            return sdpa(*args, **kwargs)
         key = get_arg(args, kwargs, 1, "key")
         if mask.shape[-1] == 0 or key.shape[-2] == 0:
             return sdpa(*args, **kwargs)  # no keys at all: PyTorch's own answer
-        rows = masks.fully_masked_rows(mask)
-        if masks.may_inspect_values(mask) and not rows.any():
+        rows, safe_mask = masks.rows_and_safe_mask(mask)
+        if safe_mask is None:
             return sdpa(*args, **kwargs)  # common case on CPU: nothing to fix
-        safe_args, safe_kwargs = with_arg(args, kwargs, ATTN_MASK, "attn_mask", masks.admit_rows(mask, rows))
+        safe_args, safe_kwargs = with_arg(args, kwargs, ATTN_MASK, "attn_mask", safe_mask)
     except Exception:  # noqa: BLE001 - malformed input: let PyTorch raise its own error
         return sdpa(*args, **kwargs)
-    return masks.clear_rows(sdpa(*safe_args, **safe_kwargs), rows)
+    return masks.clear_result_rows(sdpa(*safe_args, **safe_kwargs), rows)
 
 
 def _wrapper(wrapped: Callable[..., Tensor], instance: Any, args: tuple, kwargs: dict) -> Any:
-    if not POINT.enabled:
-        return wrapped(*args, **kwargs)
     return safe_sdpa(wrapped, args, kwargs)
 
 

@@ -5,9 +5,12 @@ Knows torch 2.4 - 2.13. The training/grad path of these layers runs through
 ``nn.MultiheadAttention`` and is covered by the ``mha`` target; decoder layers
 have no fused path. ``torch._transformer_encoder_layer_fwd`` computes attention,
 residual, norms and feed-forward in one kernel, so a row's attention cannot be
-set to 0 from outside it. The kernel is given a mask in which fully masked rows
-admit every key: those rows come out finite instead of NaN, no NaN reaches the
-next layer, and every other row is bitwise what the kernel computes for it.
+set to 0 from outside it; instead the layer's whole output row is set to 0.
+On CPU (where the rows can be looked at for free) the kernel runs on the
+caller's mask and the rows it made NaN are zeroed after it; elsewhere it is
+given a mask in which fully masked rows admit every key (finite rows), and
+those rows are zeroed after it as well. Either way no NaN reaches the next
+layer, and every other row is bitwise what the kernel computes for it.
 """
 
 from __future__ import annotations
@@ -25,18 +28,39 @@ MASK, MASK_TYPE = 18, 19
 
 def _encoder_layer_wrapper(wrapped: Callable[..., Tensor], instance: Any, args: tuple, kwargs: dict) -> Any:
     mask = get_arg(args, kwargs, MASK, "mask")
-    if not POINT.enabled or not isinstance(mask, Tensor):
+    if not isinstance(mask, Tensor):
         return wrapped(*args, **kwargs)
     try:
-        if get_arg(args, kwargs, MASK_TYPE, "mask_type") not in (0, 1, 2) or mask.shape[-1] == 0:
+        mask_type = get_arg(args, kwargs, MASK_TYPE, "mask_type")
+        if mask_type not in (0, 1, 2) or mask.shape[-1] == 0:
             return wrapped(*args, **kwargs)
-        rows = masks.fully_masked_rows(mask, drop=True)
-        if masks.may_inspect_values(mask) and not rows.any():
-            return wrapped(*args, **kwargs)
-        args, kwargs = with_arg(args, kwargs, MASK, "mask", masks.admit_rows(mask, rows, drop=True))
+        if masks.may_inspect_values(mask):
+            rows = masks.fully_masked_rows(mask, drop=True)
+            if not rows.any():
+                return wrapped(*args, **kwargs)
+            # Every step of the layer after the softmax (output projection,
+            # residuals, norms, feed-forward) is row by row, so a fully masked
+            # row's NaN stays in its own row: zeroing those rows afterwards keeps
+            # NaN from the next layer without copying the (B, H, L, S) mask.
+            call_args, call_kwargs = args, kwargs
+        else:
+            # No looking here: the kernel gets a mask whose fully masked rows
+            # admit every key (finite rows), zeroed after it like on CPU.
+            rows, safe_mask = masks.rows_and_safe_mask(mask, drop=True)
+            call_args, call_kwargs = with_arg(args, kwargs, MASK, "mask", safe_mask)
     except Exception:  # noqa: BLE001 - malformed input: let PyTorch raise its own error
-        pass
-    return wrapped(*args, **kwargs)
+        return wrapped(*args, **kwargs)
+    return masks.clear_result_rows(wrapped(*call_args, **call_kwargs), _rows_with_nan(rows, mask_type))
+
+
+def _rows_with_nan(head_rows: Tensor, mask_type: int) -> Tensor:
+    """(B, L)-broadcastable flags of the output rows a fully masked row makes NaN:
+    masked in any head (the output projection mixes the heads of a row)."""
+    if mask_type == 0:  # (L, S)
+        return head_rows.view(1, -1)
+    if mask_type == 1:  # (B, S): a fully padded batch element, every query
+        return head_rows.view(-1, 1)
+    return head_rows.amax(1)  # (B, H, L, S)
 
 
 POINT = PatchPoint("torch", "_transformer_encoder_layer_fwd", _encoder_layer_wrapper)

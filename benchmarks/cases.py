@@ -1,0 +1,271 @@
+"""The benchmark cases. Each builds its inputs once and returns the variants to
+time: ``unpatched`` (the baseline), ``patched`` (attnpatch on), and for some
+cases the workarounds users write by hand, all on the same inputs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+BASELINE = "unpatched"
+TORCH_TARGETS_ONLY = "patched, torch targets only"  # sdpa, mha, transformer: no hf_* targets
+
+
+@dataclass
+class Case:
+    group: str
+    name: str
+    shape: str
+    dtype: str
+    variants: dict[str, Callable[[], object]]
+    targets: dict[str, float] = field(default_factory=dict)  # variant -> max ratio
+    notes: dict[str, str] = field(default_factory=dict)  # variant -> remark
+    note: str = ""  # about the whole case (e.g. a reduced shape)
+    memory: bool = False  # also measure peak memory of unpatched vs patched
+
+
+def wants_patch(variant: str) -> bool:
+    return variant.startswith("patched")
+
+
+# ---------------------------------------------------------------- inputs
+
+def left_padded_lengths(batch: int, seq_len: int) -> list[int]:
+    """Real lengths from just under full down to 3/4 of the row: every row carries
+    some padding (so even a batch of one has fully masked rows)."""
+    return [seq_len - max(1, (seq_len // 4) * (b + 1) // batch) for b in range(batch)]
+
+
+def keep_mask(batch: int, seq_len: int, *, left: bool = True) -> torch.Tensor:
+    """(B, 1, L, L) SDPA mask, True = attend: causal plus padding. Left padding
+    leaves the pad queries with no key (fully masked rows); right padding does not."""
+    lengths = torch.tensor(left_padded_lengths(batch, seq_len))
+    pos = torch.arange(seq_len)
+    real = pos[None, :] >= (seq_len - lengths)[:, None] if left else pos[None, :] < lengths[:, None]
+    causal = torch.ones(seq_len, seq_len, dtype=torch.bool).tril()
+    return causal[None, None] & real[:, None, None, :]
+
+
+def key_padding(batch: int, seq_len: int) -> torch.Tensor:
+    """(B, S) nn.MultiheadAttention key_padding_mask, True = pad, left padding."""
+    lengths = torch.tensor(left_padded_lengths(batch, seq_len))
+    return torch.arange(seq_len)[None, :] < (seq_len - lengths)[:, None]
+
+
+def float_mask(keep: torch.Tensor, dtype: torch.dtype, fill: float) -> torch.Tensor:
+    """The additive mask as users build it by hand: ``(1 - keep) * fill``, computed
+    in ``dtype`` (so -1e8 overflows to -inf in float16, as it does for them)."""
+    return (~keep).to(dtype) * fill
+
+
+def unmask_unattended(mask: torch.Tensor, min_value: float) -> torch.Tensor:
+    """transformers' old ``AttentionMaskConverter._unmask_unattended``: a row that
+    is all ``min_value`` attends to everything instead (its output is then the
+    mean of the values, not 0)."""
+    return mask.mul(~torch.all(mask == min_value, dim=-1, keepdim=True))
+
+
+def check_rows(out: torch.Tensor, reference: torch.Tensor, rows: torch.Tensor) -> str:
+    """How a workaround's output compares with the contract on the same inputs."""
+    flagged = rows.unsqueeze(-1).expand_as(out)
+    nan = bool(out.isnan().any())
+    zero = bool((out[flagged] == 0).all())
+    valid_equal = torch.equal(out[~flagged], reference[~flagged])
+    return f"NaN={'yes' if nan else 'no'}, masked rows 0={'yes' if zero else 'no'}, valid rows bitwise={'yes' if valid_equal else 'no'}"
+
+
+# ---------------------------------------------------------------- 1. SDPA and 5. workarounds
+
+SDPA_SHAPES = [(8, 16, 128, 64), (8, 16, 512, 64), (4, 16, 1024, 64), (1, 32, 2048, 128)]
+
+
+def sdpa_cases(shape: tuple[int, int, int, int], dtype: torch.dtype, device: str, *, general_path: bool) -> list[Case]:
+    batch, heads, seq_len, dim = shape
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(shape, generator=gen).to(device, dtype) for _ in range(3))
+    keep = keep_mask(batch, seq_len).to(device)
+    right = keep_mask(batch, seq_len, left=False).to(device)
+    sdpa = lambda **kw: F.scaled_dot_product_attention(q, k, v, **kw)  # noqa: E731 - looked up per call
+    masked_target = 1.10 if seq_len < 512 else 1.05
+    label = "x".join(map(str, shape))
+    dname = str(dtype).replace("torch.", "")
+    rows = ~keep.any(-1)
+
+    masked = Case(
+        "sdpa", "left-padded causal mask (fully masked rows)", label, dname,
+        {BASELINE: lambda: sdpa(attn_mask=keep), "patched": lambda: sdpa(attn_mask=keep)},
+        targets={"patched": masked_target}, memory=True,
+    )
+    if general_path:
+        # The sanitise-and-clear path that runs wherever torch's kernel is not known
+        # to be safe (CUDA, torch.compile, other versions), forced here on CPU.
+        masked.variants["patched-general-path"] = lambda: sdpa(attn_mask=keep)
+        masked.notes["patched-general-path"] = (
+            "the path CUDA and torch.compile take, forced on CPU (no target on CPU); the mask is reused "
+            "across calls, as across a model's layers, so its safe mask comes from the cache"
+        )
+    min_value = torch.finfo(dtype).min
+    workarounds = {
+        "workaround: float mask -1e8": float_mask(keep, dtype, -1e8),
+        "workaround: float mask finfo.min": float_mask(keep, dtype, min_value),
+        "workaround: unmask unattended rows": unmask_unattended(float_mask(keep, dtype, min_value), min_value),
+    }
+    reference = sdpa(attn_mask=keep)
+    for name, mask in workarounds.items():
+        masked.variants[name] = (lambda m: lambda: sdpa(attn_mask=m))(mask)
+        masked.notes[name] = "mask built once, outside the timing; " + check_rows(sdpa(attn_mask=mask), reference, rows)
+    fp16_min = float_mask(keep, torch.float16, -1e8).min().item()
+    masked.notes["workaround: float mask -1e8"] += (
+        f"; the same mask in float16 holds {fp16_min}: the rows are fully masked (NaN-prone) again"
+    )
+
+    return [
+        masked,
+        Case("sdpa", "no mask", label, dname,
+             {BASELINE: lambda: sdpa(), "patched": lambda: sdpa()}, targets={"patched": 1.01}),
+        Case("sdpa", "is_causal only", label, dname,
+             {BASELINE: lambda: sdpa(is_causal=True), "patched": lambda: sdpa(is_causal=True)},
+             targets={"patched": 1.01}),
+        Case("sdpa", "right-padded causal mask (no fully masked row)", label, dname,
+             {BASELINE: lambda: sdpa(attn_mask=right), "patched": lambda: sdpa(attn_mask=right)},
+             targets={"patched": 1.01}),
+    ]
+
+
+# ---------------------------------------------------------------- 2. nn.MultiheadAttention
+
+def mha_cases(seq_len: int, device: str, batch: int = 8, embed: int = 512, heads: int = 8) -> list[Case]:
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(embed, heads, batch_first=True, device=device)
+    x = torch.randn(batch, seq_len, embed, device=device)
+    pad = key_padding(batch, seq_len).to(device)
+    causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).triu(1)
+    pad_float = torch.zeros(pad.shape, device=device).masked_fill(pad, -1e8)
+    causal_float = torch.zeros(causal.shape, device=device).masked_fill(causal, -1e8)
+    label = f"B={batch} L={seq_len} E={embed} H={heads}"
+
+    def train_step(need_weights: bool, kpm: torch.Tensor = pad, am: torch.Tensor = causal) -> Callable[[], object]:
+        def step() -> object:
+            mha.train()
+            out, _ = mha(x, x, x, key_padding_mask=kpm, attn_mask=am, need_weights=need_weights)
+            out.sum().backward()
+            grads = [p.grad for p in mha.parameters()]
+            mha.zero_grad(set_to_none=True)
+            return out.detach(), grads
+        return step
+
+    rows = (causal[None] | pad[:, None, :]).all(-1)  # (B, L) fully masked queries
+
+    def outcome(step: Callable[[], object]) -> str:
+        """How one call's output and gradients compare with the contract."""
+        out, grads = step()
+        nan = bool(out.isnan().any()) or any(bool(g.isnan().any()) for g in grads)
+        bias_rows = torch.equal(out[rows], mha.out_proj.bias.detach().expand_as(out[rows]))
+        return f"NaN in output or grads={'yes' if nan else 'no'}, masked rows = out_proj bias={'yes' if bias_rows else 'no'}"
+
+    def infer(need_weights: bool) -> Callable[[], object]:
+        def run() -> object:
+            mha.eval()
+            with torch.no_grad():
+                return mha(x, x, x, key_padding_mask=pad, attn_mask=causal, need_weights=need_weights)
+        return run
+
+    return [
+        Case("mha", "train fwd+bwd, need_weights=True", label, "float32",
+             {BASELINE: train_step(True), "patched": train_step(True),
+              "workaround: need_weights=False (PyTorch's own path)": train_step(False),
+              "workaround: float masks -1e8": train_step(True, pad_float, causal_float)},
+             targets={"patched": 1.05}, memory=True,
+             notes={"patched": "unpatched: " + outcome(train_step(True)),
+                    "workaround: need_weights=False (PyTorch's own path)": outcome(train_step(False)),
+                    "workaround: float masks -1e8": outcome(train_step(True, pad_float, causal_float))}),
+        Case("mha", "train fwd+bwd, need_weights=False", label, "float32",
+             {BASELINE: train_step(False), "patched": train_step(False)}, targets={"patched": 1.05}),
+        Case("mha", "inference (eval, no_grad, fast path)", label, "float32",
+             {BASELINE: infer(False), "patched": infer(False)}, targets={"patched": 1.05}, memory=True),
+    ]
+
+
+# ---------------------------------------------------------------- 3. nn.TransformerEncoder
+
+def transformer_case(device: str, batch: int = 8, seq_len: int = 256, d_model: int = 512) -> Case:
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(d_model, 8, 4 * d_model, dropout=0.0, batch_first=True)
+    encoder = nn.TransformerEncoder(layer, 6, enable_nested_tensor=False).to(device).eval()
+    x = torch.randn(batch, seq_len, d_model, device=device)
+    pad = key_padding(batch, seq_len).to(device)
+    causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).triu(1)
+
+    def run() -> object:
+        with torch.no_grad():
+            return encoder(x, mask=causal, src_key_padding_mask=pad, is_causal=True)
+
+    return Case("transformer", "TransformerEncoder 6 layers inference, causal+padding",
+                f"B={batch} L={seq_len} d={d_model}", "float32",
+                {BASELINE: run, "patched": run}, targets={"patched": 1.05}, memory=True)
+
+
+# ---------------------------------------------------------------- 4. transformers models
+
+def hf_cases(device: str, quick: bool) -> list[Case]:
+    import transformers
+
+    from attnpatch.targets import hf_attention, hf_generate
+
+    placeholder = not hf_attention.POINTS and not hf_generate.POINTS
+    note = ("attnpatch's transformers targets are placeholders in this build: "
+            "'patched' is the torch targets alone (HF calls torch SDPA)") if placeholder else ""
+
+    def tiny(config_cls: type, name: str) -> Case:
+        config = config_cls(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                            pad_token_id=0, bos_token_id=1, eos_token_id=2)
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").to(device).eval()
+        lengths, width = [12, 9, 6, 3], 12
+        ids = torch.randint(3, 1000, (len(lengths), width), device=device)
+        attention = torch.zeros_like(ids)
+        for row, n in enumerate(lengths):
+            ids[row, : width - n] = 0
+            attention[row, width - n :] = 1
+        new_tokens = 4 if quick else 24
+
+        def generate() -> object:
+            return model.generate(input_ids=ids, attention_mask=attention, max_new_tokens=new_tokens,
+                                  min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+
+        return Case("hf", f"tiny random {name} generate(), left-padded batch",
+                    f"B=4 prompt<=12 +{new_tokens} tokens", "float32",
+                    {BASELINE: generate, "patched": generate, TORCH_TARGETS_ONLY: generate},
+                    targets={"patched": 1.03}, note=note,
+                    notes={TORCH_TARGETS_ONLY: "what the hf_* targets add is the difference to 'patched'"})
+
+    cases = [tiny(transformers.LlamaConfig, "Llama"), tiny(transformers.Qwen2Config, "Qwen2")]
+    if not quick:
+        config = transformers.LlamaConfig(vocab_size=8000, hidden_size=512, intermediate_size=1376,
+                                          num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8,
+                                          max_position_embeddings=1024, pad_token_id=0)
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").to(device).eval()
+        batch, seq_len = 4, 256
+        ids = torch.randint(3, 8000, (batch, seq_len), device=device)
+        attention = (~key_padding(batch, seq_len)).long().to(device)
+
+        def forward() -> object:
+            with torch.no_grad():
+                return model(input_ids=ids, attention_mask=attention).logits
+
+        cases.append(Case("hf", "random Llama forward, left-padded", f"B={batch} L={seq_len} hidden=512 4 layers",
+                          "float32", {BASELINE: forward, "patched": forward, TORCH_TARGETS_ONLY: forward},
+                          note=note, memory=True))
+    return cases
+
+
+def tiny_sdpa_inputs(device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    q = torch.randn(1, 1, 4, 8, device=device)
+    return q, q.clone(), q.clone()
+

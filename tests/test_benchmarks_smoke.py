@@ -1,0 +1,58 @@
+"""The benchmark suite runs end to end in --quick mode and writes its results.
+
+No timing is asserted: this machine's load decides the figures, not the code.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+ROW_KEYS = {
+    "group", "case", "shape", "dtype", "variant", "median_ms", "unpatched_ms", "ratio", "target",
+    "meets_target", "peak_mem_ratio", "repeats", "note",
+}
+META_KEYS = {"device", "torch", "transformers", "attnpatch", "python", "date", "mode"}
+OVERHEAD_KEYS = {
+    "wrapper_no_mask_us", "import_attnpatch_ms", "startup_with_hook_ms", "startup_without_hook_ms",
+    "startup_delta_ms", "in_process_hook_us",
+}
+
+
+def test_quick_run_writes_json_and_markdown(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--quick", "--device", "cpu", "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "[1/" in done.stdout  # progress is shown
+
+    result = json.loads((tmp_path / "cpu-quick.json").read_text())
+    assert META_KEYS <= set(result["meta"])
+    assert result["meta"]["device"] == "cpu" and result["meta"]["mode"] == "quick"
+    assert OVERHEAD_KEYS <= set(result["overheads"])
+    rows = result["rows"]
+    assert rows and all(ROW_KEYS <= set(row) for row in rows)
+    assert {"sdpa", "mha", "transformer"} <= {row["group"] for row in rows}
+    assert all(row["ratio"] > 0 and row["median_ms"] > 0 for row in rows)
+    assert any(row["variant"].startswith("workaround") for row in rows)
+
+    table = (tmp_path / "cpu-quick.md").read_text()
+    assert "| group | case |" in table and "wrapper cost per call" in table
+    assert result["meta"]["torch"] in table
+
+
+def test_cuda_request_without_cuda_is_skipped_cleanly(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--quick", "--device", "cuda", "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0
+    assert "no CUDA" in done.stderr
+    assert not list(tmp_path.iterdir())
