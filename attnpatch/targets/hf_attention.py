@@ -1,3 +1,222 @@
-"""Target ``hf_attention``: placeholder until implemented (no patch points yet)."""
+"""Target ``hf_attention``: the attention functions transformers models dispatch through.
 
-POINTS: list = []
+Knows transformers 4.57 and 5.x (tested: 4.57.6, 5.24.0). In both, an attention
+module (``LlamaAttention``, ``Qwen2Attention``, ...) projects q/k/v and then calls
+an attention *function*, looked up at call time:
+
+* ``sdpa`` and ``flex_attention``: entries of the dict
+  ``AttentionInterface._global_mapping`` in ``transformers.modeling_utils``, shared
+  by every model. We replace the entries (not the module-level function names:
+  the dict already holds the function objects). A fully masked query row (a left
+  pad) is given every key, so any kernel computes something finite there, and its
+  output row is then set to exactly 0. Flex with a ``BlockMask`` (what
+  transformers builds for it) already gives 0 there and passes through.
+* ``eager``: the module-level ``eager_attention_forward`` of each model file
+  (``modeling_llama``, ``modeling_qwen2``, and a few more listed in ``EAGER_MODELS``).
+  We call a copy of the model's *own* function whose ``nn.functional.softmax``
+  is ``aten._safe_softmax`` (0 for a row of ``-inf``), with the fully masked rows
+  of the mask set to ``-inf``. So the returned weights are the very tensor the
+  output was computed from (tests call ``retain_grad()`` on them), padded rows
+  have weights 0 and output 0, and every other row is bitwise unchanged.
+
+"Fully masked" here includes rows filled with the dtype's lowest finite value,
+the marker transformers' eager masks use (``masks.hf_fully_masked_rows``).
+
+Not patched, on purpose: ``nn.Module`` classes' ``forward`` (a wrapt wrapper there
+breaks torch.compile's guards on torch 2.13); the per-implementation classes
+(``LlamaSdpaAttention``, ``LlamaFlashAttention2``), which transformers removed in
+4.48, before the supported range; flash-attention entries (they take no 4-D mask:
+padding is removed before the kernel); paged entries (continuous batching, no
+pad rows); the mask builders of ``transformers.masking_utils``: with torch >= 2.5
+both versions leave pad rows fully masked, which is what lets the functions
+above find them.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import types
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+import wrapt
+from torch import Tensor
+
+from attnpatch import masks
+from attnpatch._patching import PatchPoint, Skip, logger
+from attnpatch.targets import get_arg, with_arg
+
+MASK = 4  # attention_mask: (module, query, key, value, attention_mask, ...)
+
+
+# --- sdpa / flex: entries of AttentionInterface._global_mapping -----------------
+
+
+def _zero_padded_rows(point: PatchPoint) -> Callable[..., Any]:
+    """Wrapper for a function returning ``(output (B, L, H, D), extra)``."""
+
+    def wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple, kwargs: dict) -> Any:
+        mask = get_arg(args, kwargs, MASK, "attention_mask")
+        if not point.enabled or not isinstance(mask, Tensor) or mask.ndim != 4:
+            return wrapped(*args, **kwargs)  # no mask, or a BlockMask (already safe)
+        if not (mask.dtype == torch.bool or mask.is_floating_point()) or mask.shape[-1] == 0:
+            return wrapped(*args, **kwargs)
+        rows = masks.hf_fully_masked_rows(mask)  # (B, H or 1, L)
+        if masks.may_inspect_values(mask) and not rows.any():
+            return wrapped(*args, **kwargs)  # common case on CPU: nothing to fix
+        args, kwargs = with_arg(args, kwargs, MASK, "attention_mask", masks.admit_rows(mask, rows))
+        output, *rest = wrapped(*args, **kwargs)
+        return (masks.clear_rows(output, rows.transpose(1, 2)), *rest)
+
+    return wrapper
+
+
+@dataclass(eq=False)
+class PlainFunctionPoint(PatchPoint):
+    """A function replaced by a *plain Python function* that calls ``wrapper``: the
+    module attribute ``path``, or, with ``key``, the entry ``key`` of the dict at
+    ``path``. Not a wrapt proxy, on purpose: a ``FunctionWrapper`` passes
+    ``isinstance(x, FunctionType)`` through its proxied ``__class__``, so dynamo
+    traces the *original* code behind it and a compiled model runs unpatched
+    (measured with transformers 5.24, torch 2.13). Removal puts the exact original
+    back if our function is still there."""
+
+    key: str | None = None
+
+    @property
+    def qualname(self) -> str:
+        return super().qualname + (f"[{self.key!r}]" if self.key is not None else "")
+
+    def _slot(self, module: Any) -> tuple[Any, str, Callable[[Any], None]]:
+        """(current object, where, setter) of the replaced function."""
+        if self.key is None:
+            parent, name, current = wrapt.resolve_path(module, self.path)
+            return current, name, lambda value: setattr(parent, name, value)
+        _, _, mapping = wrapt.resolve_path(module, self.path)
+        return mapping[self.key], self.key, lambda value: mapping.__setitem__(self.key, value)
+
+    def install(self, module: Any) -> None:
+        if self.handle is not None:
+            return
+        try:
+            original, _, put = self._slot(module)
+        except Exception:  # noqa: BLE001 - any lookup failure means "not in this version"
+            self._skip(f"{self.qualname} not found in this version")
+            return
+        try:
+            wrapper = self.prepare(original) if self.prepare else self.wrapper
+        except Skip as why:
+            self._skip(str(why))
+            return
+
+        @functools.wraps(original)
+        def patched(*args: Any, **kwargs: Any) -> Any:
+            return wrapper(original, None, args, kwargs)
+
+        self.enabled = True
+        put(patched)
+        self.handle = (patched, original)
+        self.state, self.note = "installed", ""
+        logger.debug("attnpatch: installed %s", self.qualname)
+
+    def remove(self) -> None:
+        if self.handle is None:
+            self.state = "off"
+            return
+        patched, original = self.handle
+        self.handle = None
+        try:
+            current, _, put = self._slot(sys.modules[self.module])
+        except Exception:  # noqa: BLE001
+            current = put = None
+        if current is patched:
+            put(original)
+            self.state, self.note = "off", ""
+        else:
+            # Someone put their own function over ours: keep theirs, and make
+            # ours (wherever it still is) a pass-through.
+            self.enabled = False
+            self.state, self.note = "displaced", "replaced by another library; left alone"
+
+
+def _entry(key: str) -> PlainFunctionPoint:
+    point = PlainFunctionPoint("transformers.modeling_utils", "AttentionInterface._global_mapping", key=key)
+    point.wrapper = _zero_padded_rows(point)
+    return point
+
+
+# --- eager: each model file's eager_attention_forward ---------------------------
+
+
+def _safe_softmax(input: Tensor, dim: int | None = None, _stacklevel: int = 3, dtype: Any = None) -> Tensor:
+    if dim is None:
+        return F.softmax(input, dim, _stacklevel, dtype)
+    # The aten op (not torch._safe_softmax) so that dynamo can trace it. Bitwise
+    # equal to softmax on every row that is not all -inf; 0 on those.
+    return torch.ops.aten._safe_softmax.default(input, dim, dtype)
+
+
+def _namespace_copy(name: str, source: types.ModuleType, **overrides: Any) -> types.ModuleType:
+    copy = types.ModuleType(name)
+    copy.__dict__.update(vars(source))
+    copy.__dict__.update(overrides)
+    return copy
+
+
+# torch.nn as the eager functions see it: the same, except functional.softmax.
+SAFE_NN = _namespace_copy(
+    "attnpatch.safe_nn",
+    torch.nn,
+    functional=_namespace_copy("attnpatch.safe_nn.functional", F, softmax=_safe_softmax),
+)
+
+
+def _eager_point(model: str, optional: bool = True) -> PlainFunctionPoint:
+    point = PlainFunctionPoint(f"transformers.models.{model}.modeling_{model}", "eager_attention_forward", optional=optional)
+
+    def prepare(original: Any) -> Callable[..., Any]:
+        if type(original) is not types.FunctionType or original.__globals__.get("nn") is not torch.nn:
+            raise Skip(f"{point.qualname} is not transformers' plain function; attnpatch leaves it alone")
+        namespace = dict(original.__globals__, nn=SAFE_NN)
+        safe_copy = types.FunctionType(
+            original.__code__, namespace, original.__name__, original.__defaults__, original.__closure__
+        )
+        safe_copy.__kwdefaults__ = original.__kwdefaults__
+        return _eager_wrapper(point, safe_copy)
+
+    point.prepare = prepare
+    return point
+
+
+def _eager_wrapper(point: PatchPoint, safe_copy: Callable[..., Any]) -> Callable[..., Any]:
+    def wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple, kwargs: dict) -> Any:
+        mask = get_arg(args, kwargs, MASK, "attention_mask")
+        # Eager adds the mask to the scores: only float masks mean anything there.
+        if not point.enabled or not isinstance(mask, Tensor) or not mask.is_floating_point() or mask.shape[-1] == 0:
+            return wrapped(*args, **kwargs)
+        rows = masks.hf_fully_masked_rows(mask)
+        if masks.may_inspect_values(mask) and not rows.any():
+            return wrapped(*args, **kwargs)
+        # A row of -inf scores is what the safe softmax turns into weights of 0.
+        safe_mask = mask.masked_fill(rows.unsqueeze(-1), masks.NEG_INF)
+        args, kwargs = with_arg(args, kwargs, MASK, "attention_mask", safe_mask)
+        return safe_copy(*args, **kwargs)
+
+    return wrapper
+
+
+# Model files whose eager_attention_forward has the Llama shape (scores + mask,
+# nn.functional.softmax, dropout, @ values). Llama and Qwen2 must be there; the
+# others are skipped quietly where a version lacks them.
+EAGER_MODELS = ["mistral", "qwen3", "gemma", "phi3", "olmo2", "granite"]
+
+POINTS: list[PatchPoint] = [
+    _entry("sdpa"),
+    _entry("flex_attention"),
+    _eager_point("llama", optional=False),
+    _eager_point("qwen2", optional=False),
+    *(_eager_point(model) for model in EAGER_MODELS),
+]
