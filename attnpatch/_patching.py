@@ -68,7 +68,9 @@ class PatchPoint:
     handle: Any = field(default=None, repr=False)
     state: str = "off"  # off | installed | deferred | skipped | displaced
     note: str = ""
-    enabled: bool = True  # read by wrappers: False turns a stuck wrapper into a pass-through
+    enabled: bool = True  # for subclasses that do not use the token guard below
+    _token: Any = field(default=None, repr=False)  # the installation now in place, if any
+    _spare: Any = field(default=None, repr=False)  # (wrapper, its token), kept for reuse
 
     @property
     def qualname(self) -> str:
@@ -82,13 +84,22 @@ class PatchPoint:
         except Exception:  # noqa: BLE001 - any lookup failure means "not in this version"
             self._skip(f"{self.qualname} not found in this version")
             return
-        try:
-            wrapper = self.prepare(original) if self.prepare else self.wrapper
-        except Skip as why:
-            self._skip(str(why))
-            return
-        self.enabled = True
-        self.handle = wrapt.wrap_object(module, self.path, wrapt.FunctionWrapper, (wrapper,))
+        if self._spare is None or self._spare[0].__wrapped__ is not original:
+            try:
+                wrapper = self.prepare(original) if self.prepare else self.wrapper
+            except Skip as why:
+                self._skip(str(why))
+                return
+            self._forget_spare()
+            token = object()
+            spare = wrapt.FunctionWrapper(original, _current_only(self, token, wrapper))
+            _alias_for_torchscript(original, spare)
+            self._spare = (spare, token)
+        # The same wrapper object is reused for every installation over the same
+        # original, so apply/remove cycles allocate nothing and TorchScript's
+        # alias for it stays valid.
+        spare, self._token = self._spare
+        self.handle = wrapt.wrap_object(module, self.path, lambda _original: spare)
         self.state, self.note = "installed", ""
         logger.debug("attnpatch: installed %s", self.qualname)
 
@@ -104,17 +115,23 @@ class PatchPoint:
         except (wrapt.WrapperNotOutermostError, wrapt.WrapperChainTooDeepError) as exc:
             removed = None
             self.note = f"left in place as a pass-through: {exc}"
+        self._token = None  # from now on the wrapper passes every call through
+        self.handle = None
         if removed:
-            self.handle, self.state, self.note = None, "off", ""
+            self.state, self.note = "off", ""
         else:
             # Someone replaced or covered us with a non-wrapt wrapper. We cannot
-            # restore without breaking theirs, so our wrapper stays where it is
-            # and passes every call straight through.
-            self.enabled = False
-            self.handle = None
+            # restore without breaking theirs, so our wrapper stays in their
+            # chain as a pass-through for good, and is never reused.
+            self._forget_spare()
             self.state = "displaced"
             self.note = self.note or "replaced by another library; left alone"
         logger.debug("attnpatch: removed %s (%s)", self.qualname, self.state)
+
+    def _forget_spare(self) -> None:
+        if self._spare is not None:
+            _alias_for_torchscript(self._spare[0].__wrapped__, self._spare[0], add=False)
+            self._spare = None
 
     def _skip(self, why: str) -> None:
         self.state, self.note = "skipped", why
@@ -123,7 +140,43 @@ class PatchPoint:
             warnings.warn(f"attnpatch: {why}", AttnPatchWarning, stacklevel=4)
 
 
+def _current_only(point: PatchPoint, token: object, wrapper: Callable[..., Any]) -> Callable[..., Any]:
+    """``wrapper``, acting only while this installation is the point's current one.
+    A displaced wrapper still sits in another library's chain; when the point is
+    installed again on top, the old one must not come back to life (its target
+    would then run twice, or recurse through the other library's function)."""
+
+    def guarded(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
+        if point._token is not token:
+            return wrapped(*args, **kwargs)
+        return wrapper(wrapped, instance, args, kwargs)
+
+    return guarded
+
+
 _warned: set[str] = set()  # one warning per reason per process, never one per call
+
+
+def _alias_for_torchscript(original: Any, handle: Any, add: bool = True) -> None:
+    """Let TorchScript see a wrapped aten builtin as the builtin itself.
+
+    TorchScript finds builtins by ``id()``, so without an alias, scripting any
+    code that calls a wrapped ``torch._native_multi_head_attention`` (or reaches
+    ``F.scaled_dot_product_attention``) fails to compile while attnpatch is on.
+    With it, scripted code calls the aten op directly: it runs, unpatched, as
+    the README says.
+    """
+    builtins = sys.modules.get("torch.jit._builtins")
+    if builtins is None:
+        return
+    table = builtins._get_builtin_table()
+    op = table.get(id(original))
+    if op is None:
+        return
+    if add:
+        table[id(handle)] = op
+    else:
+        table.pop(id(handle), None)
 
 
 class Skip(Exception):
