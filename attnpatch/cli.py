@@ -1,8 +1,9 @@
-"""The ``attnpatch`` command: ``attnpatch run -- CMD ...`` and ``attnpatch status``."""
+"""The ``attnpatch`` command: ``attnpatch run -- CMD ...``, ``attnpatch status``, ``attnpatch doctor``."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -23,21 +24,67 @@ def _run(args: argparse.Namespace) -> int:
         return 127
 
 
+# What each state in status() means, printed under the table.
+STATE_MEANINGS = {
+    "installed": "patched now",
+    "deferred": "its module is not imported yet; it is patched the moment it is",
+    "skipped": "cannot be patched here (the note says why, e.g. not in this library version)",
+    "displaced": "another library wrapped it over attnpatch; left alone as a pass-through",
+    "off": "not active in this process (see `attnpatch status --apply`, ATTNPATCH=1)",
+}
+
+
+def _import_patched_modules() -> None:
+    """Import what the targets patch (torch, transformers and the modules of their
+    deferred points), so that each point resolves to installed or skipped."""
+    from attnpatch import _patching
+
+    for library in ("torch", "transformers"):
+        try:
+            importlib.import_module(library)
+        except ImportError:
+            pass
+    for points in list(_patching._points.values()):
+        for point in points:
+            if point.state == "deferred":
+                try:
+                    importlib.import_module(point.module)
+                except Exception:  # noqa: BLE001 - not in this version: it stays deferred
+                    pass
+
+
 def _status(args: argparse.Namespace) -> int:
     import attnpatch
 
     if args.apply:
         attnpatch.apply()
+        _import_patched_modules()
     report = attnpatch.status()
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
+    value = os.environ.get("ATTNPATCH")
+    source = "apply() by --apply" if args.apply else f"ATTNPATCH={value}" if value else "ATTNPATCH unset"
+    print(f"attnpatch {attnpatch.__version__}, this process ({source}):")
+    seen = set()
     for name, entry in report.items():
-        print(f"{name:14s} {entry['state']}")
+        seen.add(entry["state"].split()[0])
+        print(f"  {name:14s} {entry['state']}")
         for point in entry["points"]:
-            note = f"  ({point['note']})" if point["note"] else ""
-            print(f"    {point['state']:10s} {point['target']}{note}")
+            seen.add(point["state"])
+            note = point["note"] or ("module not imported yet" if point["state"] == "deferred" else "")
+            print(f"      {point['state']:10s} {point['target']}" + (f"  ({note})" if note else ""))
+    print()
+    for state, meaning in STATE_MEANINGS.items():
+        if state in seen:
+            print(f"  {state}: {meaning}")
     return 0
+
+
+def _doctor(argv: list[str]) -> int:
+    from attnpatch import doctor  # imports torch: only when asked for
+
+    return doctor.main(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,8 +96,13 @@ def main(argv: list[str] | None = None) -> int:
     run.set_defaults(func=_run)
     st = sub.add_parser("status", help="show which targets are installed, deferred or skipped, and why")
     st.add_argument("--json", action="store_true")
-    st.add_argument("--apply", action="store_true", help="apply() first (import torch to see its targets)")
+    st.add_argument("--apply", action="store_true", help="apply() first and import torch and transformers, to show what attnpatch patches here")
     st.set_defaults(func=_status)
+    doc = sub.add_parser("doctor", help="run the known reproductions here, without then with attnpatch", add_help=False)
+    doc.set_defaults(func=_doctor)
+    args, rest = parser.parse_known_args(argv)
+    if args.cmd == "doctor":
+        return _doctor(rest)
     args = parser.parse_args(argv)
     return args.func(args)
 

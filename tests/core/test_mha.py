@@ -257,3 +257,24 @@ def test_large_negative_float_mask_untouched():
     with attnpatch.patched("mha"):
         out, w = m(x, x, x, key_padding_mask=kpm, attn_mask=am)
     assert torch.equal(out, out_u) and torch.equal(w, w_u)
+
+
+def test_torchscript_compiles_while_patched():
+    """Scripting must work with the patch on (scripted code runs PyTorch's own,
+    unpatched kernels). Fresh subclasses force TorchScript to compile anew
+    rather than reuse a type compiled before the patch."""
+
+    class FreshMHA(nn.MultiheadAttention):
+        pass
+
+    class FreshLayer(nn.TransformerEncoderLayer):
+        pass
+
+    x = _input()
+    kpm, am = left_padding(LENGTHS, L), causal_drop_mask(L)
+    with attnpatch.patched():
+        mha = torch.jit.script(FreshMHA(E, H, batch_first=True))
+        layer = torch.jit.script(FreshLayer(E, H, 32, batch_first=True))
+        out, _ = mha(x, x, x, key_padding_mask=kpm, attn_mask=am)
+        layer(x, src_mask=am, src_key_padding_mask=kpm)
+    assert has_nan(out), "scripted code is out of attnpatch's reach (documented)"
