@@ -68,7 +68,6 @@ class PatchPoint:
     handle: Any = field(default=None, repr=False)
     state: str = "off"  # off | installed | deferred | skipped | displaced
     note: str = ""
-    enabled: bool = True  # for subclasses that do not use the token guard below
     _token: Any = field(default=None, repr=False)  # the installation now in place, if any
     _spare: Any = field(default=None, repr=False)  # (wrapper, its token), kept for reuse
 

@@ -157,6 +157,22 @@ def _forget_entry(drop: bool) -> Callable[[weakref.ref], None]:
     return forget
 
 
+def rows_and_kernel_mask(mask: Tensor, *, drop: bool = False) -> tuple[Tensor, Tensor] | None:
+    """For a fused kernel whose steps after the softmax are row by row (native
+    MHA, the encoder layer): the fully masked rows, and the mask to call it with.
+    None when nothing needs fixing.
+
+    Where values can be looked at (CPU), the kernel keeps the caller's mask: the
+    NaN of a fully masked row stays in that row, which the caller overwrites, and
+    no copy of a (B, H, L, S) mask is made. Elsewhere it gets the safe mask.
+    """
+    if may_inspect_values(mask):
+        rows = fully_masked_rows(mask, drop=drop)
+        return (rows, mask) if rows.any() else None
+    rows, safe = rows_and_safe_mask(mask, drop=drop)
+    return rows, safe
+
+
 def may_inspect_values(tensor: Tensor) -> bool:
     """Whether reading a value of ``tensor`` on the host is free and allowed here.
 

@@ -47,7 +47,7 @@ from torch import Tensor
 
 from attnpatch import masks
 from attnpatch._patching import PatchPoint, Skip, logger
-from attnpatch.targets import get_arg, with_arg
+from attnpatch.targets import get_arg, torch_sdpa, with_arg
 
 MASK = 4  # attention_mask: (module, query, key, value, attention_mask, ...)
 
@@ -55,15 +55,17 @@ MASK = 4  # attention_mask: (module, query, key, value, attention_mask, ...)
 # --- sdpa / flex: entries of AttentionInterface._global_mapping -----------------
 
 
-def _zero_padded_rows(point: PatchPoint) -> Callable[..., Any]:
+def _zero_padded_rows(point: "PlainFunctionPoint") -> Callable[..., Any]:
     """Wrapper for a function returning ``(output (B, L, H, D), extra)``."""
 
     def wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple, kwargs: dict) -> Any:
         mask = get_arg(args, kwargs, MASK, "attention_mask")
-        if not point.enabled or not isinstance(mask, Tensor) or mask.ndim != 4:
+        if not isinstance(mask, Tensor) or mask.ndim != 4:
             return wrapped(*args, **kwargs)  # no mask, or a BlockMask (already safe)
         if not (mask.dtype == torch.bool or mask.is_floating_point()) or mask.shape[-1] == 0:
             return wrapped(*args, **kwargs)
+        if point.key == "sdpa" and mask.dtype == torch.bool and _reaches_safe_kernel(get_arg(args, kwargs, 1, "query")):
+            return wrapped(*args, **kwargs)  # torch's CPU kernel already gives these rows 0
         rows = masks.hf_fully_masked_rows(mask)  # (B, H or 1, L)
         if masks.may_inspect_values(mask) and not rows.any():
             return wrapped(*args, **kwargs)  # common case on CPU: nothing to fix
@@ -72,6 +74,16 @@ def _zero_padded_rows(point: PatchPoint) -> Callable[..., Any]:
         return (masks.clear_rows(output, rows.transpose(1, 2)), *rest)
 
     return wrapper
+
+
+def _reaches_safe_kernel(query: Any) -> bool:
+    """Whether transformers' sdpa function will land in torch's own CPU kernel,
+    which gives an all-False row output 0 (``torch_sdpa`` checks that once per
+    dtype), directly or through attnpatch's own ``sdpa`` wrapper."""
+    kernel = F.scaled_dot_product_attention
+    if torch_sdpa.POINT.handle is not None and kernel is torch_sdpa.POINT.handle:
+        kernel = kernel.__wrapped__
+    return torch_sdpa._kernel_is_safe(kernel, query)
 
 
 @dataclass(eq=False)
@@ -112,11 +124,16 @@ class PlainFunctionPoint(PatchPoint):
             self._skip(str(why))
             return
 
+        token = self._token = object()
+
         @functools.wraps(original)
         def patched(*args: Any, **kwargs: Any) -> Any:
+            # Once removed, or displaced by another library, this function only
+            # passes through, even if it is still reachable from somewhere.
+            if self._token is not token:
+                return original(*args, **kwargs)
             return wrapper(original, None, args, kwargs)
 
-        self.enabled = True
         put(patched)
         self.handle = (patched, original)
         self.state, self.note = "installed", ""
@@ -127,7 +144,7 @@ class PlainFunctionPoint(PatchPoint):
             self.state = "off"
             return
         patched, original = self.handle
-        self.handle = None
+        self.handle = self._token = None
         try:
             current, _, put = self._slot(sys.modules[self.module])
         except Exception:  # noqa: BLE001
@@ -136,9 +153,8 @@ class PlainFunctionPoint(PatchPoint):
             put(original)
             self.state, self.note = "off", ""
         else:
-            # Someone put their own function over ours: keep theirs, and make
-            # ours (wherever it still is) a pass-through.
-            self.enabled = False
+            # Someone put their own function over ours: keep theirs; ours
+            # (wherever it still is) is a pass-through now.
             self.state, self.note = "displaced", "replaced by another library; left alone"
 
 
@@ -185,17 +201,17 @@ def _eager_point(model: str, optional: bool = True) -> PlainFunctionPoint:
             original.__code__, namespace, original.__name__, original.__defaults__, original.__closure__
         )
         safe_copy.__kwdefaults__ = original.__kwdefaults__
-        return _eager_wrapper(point, safe_copy)
+        return _eager_wrapper(safe_copy)
 
     point.prepare = prepare
     return point
 
 
-def _eager_wrapper(point: PatchPoint, safe_copy: Callable[..., Any]) -> Callable[..., Any]:
+def _eager_wrapper(safe_copy: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple, kwargs: dict) -> Any:
         mask = get_arg(args, kwargs, MASK, "attention_mask")
         # Eager adds the mask to the scores: only float masks mean anything there.
-        if not point.enabled or not isinstance(mask, Tensor) or not mask.is_floating_point() or mask.shape[-1] == 0:
+        if not isinstance(mask, Tensor) or not mask.is_floating_point() or mask.shape[-1] == 0:
             return wrapped(*args, **kwargs)
         rows = masks.hf_fully_masked_rows(mask)
         if masks.may_inspect_values(mask) and not rows.any():

@@ -140,19 +140,11 @@ def _native_mha_wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple,
         bias = get_arg(args, kwargs, PROJ_BIAS, "proj_bias")
         if mask_type not in (0, 1, 2) or mask.shape[-1] == 0:
             return wrapped(*args, **kwargs)
-        inspect = masks.may_inspect_values(mask)
-        if inspect:
-            head_rows = masks.fully_masked_rows(mask, drop=True)
-            if not head_rows.any():
-                return wrapped(*args, **kwargs)
-            # Attention and the output projection are row by row, so a fully
-            # masked row's NaN stays in its own output row, which is overwritten
-            # below: the kernel can take the caller's mask as it is, and the
-            # copy of a (B, H, L, S) mask that opening the rows would need is saved.
-            call_args, call_kwargs = args, kwargs
-        else:
-            head_rows, safe_mask = masks.rows_and_safe_mask(mask, drop=True)
-            call_args, call_kwargs = with_arg(args, kwargs, MASK, "mask", safe_mask)
+        fix = masks.rows_and_kernel_mask(mask, drop=True)
+        if fix is None:
+            return wrapped(*args, **kwargs)
+        head_rows, kernel_mask = fix
+        call_args, call_kwargs = with_arg(args, kwargs, MASK, "mask", kernel_mask)
         rows = _rows_per_query(head_rows, mask_type)
         per_head = mask_type == 2 and mask.shape[1] > 1 and mask.stride(1) != 0
     except Exception:  # noqa: BLE001 - malformed input: let PyTorch raise its own error
@@ -163,7 +155,7 @@ def _native_mha_wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple,
     out = masks.clear_result_rows(out, rows, bias)
     if need_weights:
         weights = masks.clear_result_rows(weights, rows if average else _per_head(head_rows, mask_type))
-    if per_head and inspect:
+    if per_head and masks.may_inspect_values(mask):
         # Rows masked in some heads only: NaN without attnpatch, and the fused
         # kernel cannot zero one head of a row. Recompute just those (CPU, where
         # looking is free). On CUDA this would need a host sync or a second full

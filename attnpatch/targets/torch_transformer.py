@@ -34,20 +34,11 @@ def _encoder_layer_wrapper(wrapped: Callable[..., Tensor], instance: Any, args: 
         mask_type = get_arg(args, kwargs, MASK_TYPE, "mask_type")
         if mask_type not in (0, 1, 2) or mask.shape[-1] == 0:
             return wrapped(*args, **kwargs)
-        if masks.may_inspect_values(mask):
-            rows = masks.fully_masked_rows(mask, drop=True)
-            if not rows.any():
-                return wrapped(*args, **kwargs)
-            # Every step of the layer after the softmax (output projection,
-            # residuals, norms, feed-forward) is row by row, so a fully masked
-            # row's NaN stays in its own row: zeroing those rows afterwards keeps
-            # NaN from the next layer without copying the (B, H, L, S) mask.
-            call_args, call_kwargs = args, kwargs
-        else:
-            # No looking here: the kernel gets a mask whose fully masked rows
-            # admit every key (finite rows), zeroed after it like on CPU.
-            rows, safe_mask = masks.rows_and_safe_mask(mask, drop=True)
-            call_args, call_kwargs = with_arg(args, kwargs, MASK, "mask", safe_mask)
+        fix = masks.rows_and_kernel_mask(mask, drop=True)
+        if fix is None:
+            return wrapped(*args, **kwargs)
+        rows, kernel_mask = fix
+        call_args, call_kwargs = with_arg(args, kwargs, MASK, "mask", kernel_mask)
     except Exception:  # noqa: BLE001 - malformed input: let PyTorch raise its own error
         return wrapped(*args, **kwargs)
     return masks.clear_result_rows(wrapped(*call_args, **call_kwargs), _rows_with_nan(rows, mask_type))

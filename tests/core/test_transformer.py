@@ -59,6 +59,8 @@ def test_inference_fast_path_no_nan_and_valid_rows_bitwise(float_mask, module):
     assert not has_nan(patched)
     valid = ~left_padding(LENGTHS, L)
     assert torch.equal(patched[valid], reference[valid])
+    # attention cannot be zeroed inside the fused kernel: the layer's row is 0
+    assert torch.equal(patched[~valid], torch.zeros_like(patched[~valid]))
     if module == "layer":  # one layer: the valid rows are finite without attnpatch too
         assert torch.equal(patched[valid], unpatched[valid])
 

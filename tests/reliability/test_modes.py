@@ -19,7 +19,8 @@ import torch.nn.functional as F
 
 import attnpatch
 
-from ._common import causal, left_pad, naive_sdpa, same
+from ..core.helpers import naive_sdpa
+from ._common import causal, left_pad, same
 
 DIM, HEADS = 8, 2
 KPM = left_pad([1, 4])  # row 0: queries 0..2 see only pad keys under the causal mask
