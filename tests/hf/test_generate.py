@@ -113,3 +113,51 @@ def test_what_passes_through_untouched():
     assert masks.right_padding_lengths(torch.ones(3, 4)) is None
     assert masks.trailing_pad_lengths(left_padded(PROMPTS)[0], [PAD]) is None
     assert masks.trailing_pad_lengths(ids, [PAD]).tolist() == [5, 2, 3]
+
+
+def test_generate_with_a_fullgraph_compiled_forward():
+    """No data-dependent branch may run while dynamo traces the patched eager
+    attention; the compiled model decodes exactly like the eager one."""
+    model = tiny_model("llama", "eager")
+    prompts = [[5, 9, 7, 4], [5, 9]]
+    ids, mask = left_padded(prompts)
+    expected = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+    torch._dynamo.reset()
+    model.forward = torch.compile(model.forward, fullgraph=True, backend="aot_eager", dynamic=True)
+    try:
+        with attnpatch.patched():
+            compiled = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+            right_ids, right_mask = right_padded(prompts)
+            realigned = model.generate(input_ids=right_ids, attention_mask=right_mask, max_new_tokens=4, do_sample=False)
+    finally:
+        torch._dynamo.reset()
+    assert torch.equal(compiled, expected)
+    assert torch.equal(realigned, expected)
+
+
+def test_survives_transformers_top_level_module_being_replaced():
+    """Some transformers test helpers re-execute transformers/__init__, which puts
+    a new top-level module object in sys.modules; the patches live on classes and
+    submodules, so they keep working and are still removed cleanly."""
+    import importlib
+    import sys
+
+    from transformers.generation.utils import GenerationMixin
+
+    original_generate = GenerationMixin.__dict__["generate"]
+    attnpatch.apply()
+    try:
+        old_top = sys.modules.pop("transformers")
+        try:
+            assert importlib.import_module("transformers") is not old_top
+            model = tiny_model("qwen2", "sdpa")
+            prompts = [[5, 9, 7, 4], [5, 9]]
+            alone = [model.generate(input_ids=torch.tensor([p]), max_new_tokens=4, do_sample=False)[0, len(p):] for p in prompts]
+            ids, mask = right_padded(prompts)
+            batch = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+            assert all(torch.equal(batch[i, -4:], alone[i]) for i in range(2))
+        finally:
+            sys.modules["transformers"] = old_top
+    finally:
+        attnpatch.remove()
+    assert GenerationMixin.__dict__["generate"] is original_generate
