@@ -16,9 +16,10 @@ large negative, NaN) is a score bias and never counts as masked.
 from __future__ import annotations
 
 import weakref
-from typing import Callable
+from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 NEG_INF = float("-inf")
@@ -185,6 +186,48 @@ def may_inspect_values(tensor: Tensor) -> bool:
         and tensor.is_cpu  # cheaper than tensor.device.type, which builds a device object
         and not torch.compiler.is_compiling()
     )
+
+
+def safe_softmax(input: Tensor, dim: int | None = None, _stacklevel: int = 3, dtype: Any = None) -> Tensor:
+    """``F.softmax`` (same signature, so it can stand in for it inside PyTorch's
+    and transformers' own attention code) with ``aten._safe_softmax`` semantics:
+    a row of all ``-inf`` gives weights 0 and a zero, finite gradient; every
+    other row is bitwise softmax's."""
+    if dim is None:
+        return F.softmax(input, dim, _stacklevel, dtype)
+    if may_inspect_values(input) and dim in (-1, input.dim() - 1) and input.numel() > 0:
+        return _ZeroRowsSoftmax.apply(input, dtype)
+    # The aten op (not torch._safe_softmax) so that dynamo can trace it.
+    return torch.ops.aten._safe_softmax.default(input, dim, dtype)
+
+
+class _ZeroRowsSoftmax(torch.autograd.Function):
+    """``aten._safe_softmax`` over the last dim, for eager CPU, at the cost of a
+    plain softmax. The aten op finds all ``-inf`` rows with an elementwise compare,
+    a bool reduction and a ``where``: three more passes over the scores. Here a
+    plain softmax runs, and only rows whose first weight came out NaN are looked
+    at; those whose scores are all ``-inf`` are set to 0 in place (NaN from NaN
+    or ``+inf`` scores stays, as without attnpatch). The backward is softmax's
+    own, on the saved output, so it matches ``_safe_softmax`` (and, saved as an
+    output, it is differentiable again for double backward)."""
+
+    @staticmethod
+    def forward(ctx: Any, input: Tensor, dtype: Any) -> Tensor:
+        out = torch.softmax(input, -1, dtype=dtype)
+        nan_rows = out[..., 0].isnan()
+        if nan_rows.any():
+            index = nan_rows.nonzero(as_tuple=True)
+            all_masked = input[index].amax(-1) == NEG_INF
+            out[tuple(i[all_masked] for i in index)] = 0
+        ctx.save_for_backward(out)
+        ctx.input_dtype = input.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        (out,) = ctx.saved_tensors
+        return torch._softmax_backward_data(grad, out, -1, ctx.input_dtype), None
+
 
 
 # --- transformers conventions -------------------------------------------------

@@ -1,7 +1,6 @@
 """The pytest plugin: off unless asked; --attnpatch / ini for the session; the
 attnpatch_scope fixture for one test."""
 
-import pytest
 
 import attnpatch
 

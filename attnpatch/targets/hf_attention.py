@@ -167,14 +167,6 @@ def _entry(key: str) -> PlainFunctionPoint:
 # --- eager: each model file's eager_attention_forward ---------------------------
 
 
-def _safe_softmax(input: Tensor, dim: int | None = None, _stacklevel: int = 3, dtype: Any = None) -> Tensor:
-    if dim is None:
-        return F.softmax(input, dim, _stacklevel, dtype)
-    # The aten op (not torch._safe_softmax) so that dynamo can trace it. Bitwise
-    # equal to softmax on every row that is not all -inf; 0 on those.
-    return torch.ops.aten._safe_softmax.default(input, dim, dtype)
-
-
 def _namespace_copy(name: str, source: types.ModuleType, **overrides: Any) -> types.ModuleType:
     copy = types.ModuleType(name)
     copy.__dict__.update(vars(source))
@@ -186,7 +178,7 @@ def _namespace_copy(name: str, source: types.ModuleType, **overrides: Any) -> ty
 SAFE_NN = _namespace_copy(
     "attnpatch.safe_nn",
     torch.nn,
-    functional=_namespace_copy("attnpatch.safe_nn.functional", F, softmax=_safe_softmax),
+    functional=_namespace_copy("attnpatch.safe_nn.functional", F, softmax=masks.safe_softmax),
 )
 
 

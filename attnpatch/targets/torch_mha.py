@@ -36,43 +36,6 @@ MASK, NEED_WEIGHTS, AVERAGE, MASK_TYPE = 9, 10, 11, 12  # _native_multi_head_att
 PROJ_BIAS = 8
 
 
-def _safe_softmax(input: Tensor, dim: int | None = None, _stacklevel: int = 3, dtype: Any = None) -> Tensor:
-    if dim is None:
-        return F.softmax(input, dim, _stacklevel, dtype)
-    if masks.may_inspect_values(input) and dim in (-1, input.dim() - 1) and input.numel() > 0:
-        return _ZeroRowsSoftmax.apply(input, dtype)
-    # The aten op (not torch._safe_softmax) so that dynamo can trace it.
-    return torch.ops.aten._safe_softmax.default(input, dim, dtype)
-
-
-class _ZeroRowsSoftmax(torch.autograd.Function):
-    """``aten._safe_softmax`` over the last dim, for eager CPU, at the cost of a
-    plain softmax. The aten op finds all ``-inf`` rows with an elementwise compare,
-    a bool reduction and a ``where``: three more passes over the scores. Here a
-    plain softmax runs, and only rows whose first weight came out NaN are looked
-    at; those whose scores are all ``-inf`` are set to 0 in place (NaN from NaN
-    or ``+inf`` scores stays, as without attnpatch). The backward is softmax's
-    own, on the saved output, so it matches ``_safe_softmax`` (and, saved as an
-    output, it is differentiable again for double backward)."""
-
-    @staticmethod
-    def forward(ctx: Any, input: Tensor, dtype: Any) -> Tensor:
-        out = torch.softmax(input, -1, dtype=dtype)
-        nan_rows = out[..., 0].isnan()
-        if nan_rows.any():
-            index = nan_rows.nonzero(as_tuple=True)
-            all_masked = input[index].amax(-1) == masks.NEG_INF
-            out[tuple(i[all_masked] for i in index)] = 0
-        ctx.save_for_backward(out)
-        ctx.input_dtype = input.dtype
-        return out
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
-        (out,) = ctx.saved_tensors
-        return torch._softmax_backward_data(grad, out, -1, ctx.input_dtype), None
-
-
 def _sanitised_sdpa(*args: Any, **kwargs: Any) -> Tensor:
     current = F.scaled_dot_product_attention
     if torch_sdpa.POINT.handle is not None and current is torch_sdpa.POINT.handle:
@@ -93,7 +56,7 @@ def _prepare_mha_forward(original: Any) -> Callable[..., Any]:
             f"{getattr(original, '__qualname__', '?')}); attnpatch leaves it alone"
         )
     namespace = dict(original.__globals__)
-    namespace["softmax"] = _safe_softmax
+    namespace["softmax"] = masks.safe_softmax
     namespace["scaled_dot_product_attention"] = _sanitised_sdpa
     # Re-dispatch from __torch_function__ handling (used by torch.compile's
     # tracing modes) must come back to the sanitised copy, not the original.

@@ -2,7 +2,6 @@
 
 import math
 
-import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -99,7 +98,6 @@ def test_patched_sdpa_matches_float64_reference(batch, heads, q_len, k_len, dim,
     with torch's kernel and with a NaN-producing stand-in underneath."""
     import torch.nn.functional as F
 
-    import attnpatch
 
     from .helpers import naive_sdpa
 
