@@ -1,9 +1,14 @@
 """How targets are installed and removed.
 
-Every patch is a wrapt ``FunctionWrapper`` placed with ``wrapt.wrap_object`` and
+A patch is a wrapt ``FunctionWrapper`` placed with ``wrapt.wrap_object`` and
 taken off with ``wrapt.unwrap_object``, so removal restores the very object that
 was there before and splices us out from under wrapt wrappers other libraries
-put on top. A target is installed while anyone holds it: the process-wide switch
+put on top. (One exception: transformers' attention functions are replaced by
+plain functions, because dynamo traces the *original* code behind a wrapt proxy
+of a Python function; see ``targets/hf_attention.py``.) A wrapper that another
+library left covering ours cannot be removed; it then passes every call through.
+
+A target is installed while anyone holds it: the process-wide switch
 (``apply``/``remove``) or any open ``patched()`` scope. One re-entrant lock
 guards all of it, so no thread ever sees a target half-installed.
 
