@@ -80,7 +80,7 @@ def test_may_inspect_values_only_for_plain_cpu_tensors():
     assert not masks.may_inspect_values(torch.ones(2, device="meta"))
 
 
-@settings(max_examples=60, deadline=None)
+@settings(deadline=None)
 @given(
     batch=st.integers(1, 3),
     heads=st.integers(1, 3),
