@@ -89,10 +89,8 @@ class PatchPoint:
             self._skip(f"{self.qualname} not found in this version")
             return
         if self._spare is None or self._spare[0].__wrapped__ is not original:
-            try:
-                wrapper = self.prepare(original) if self.prepare else self.wrapper
-            except Skip as why:
-                self._skip(str(why))
+            wrapper = self._wrapper_for(original)
+            if wrapper is None:
                 return
             self._forget_spare()
             token = object()
@@ -131,6 +129,15 @@ class PatchPoint:
             self.state = "displaced"
             self.note = self.note or "replaced by another library; left alone"
         logger.debug("attnpatch: removed %s (%s)", self.qualname, self.state)
+
+    def _wrapper_for(self, original: Any) -> Callable[..., Any] | None:
+        """The wrapt-style wrapper for ``original``, or None (and the point
+        marked skipped) when ``prepare`` declines it."""
+        try:
+            return self.prepare(original) if self.prepare else self.wrapper
+        except Skip as why:
+            self._skip(str(why))
+            return None
 
     def _forget_spare(self) -> None:
         if self._spare is not None:

@@ -51,9 +51,12 @@ _ALL_TRUE_WORD = 0x01010101
 
 
 def _packs_into_int32(mask: Tensor) -> bool:
-    """Whether ``mask.view(torch.int32)`` is allowed: rows of whole, aligned words."""
+    """Whether ``mask.view(torch.int32)`` is allowed: rows of whole, aligned words.
+    Never while dynamo traces: ``storage_offset()`` breaks its graph, and compiled
+    code does not need the eager speed-up."""
     return (
-        mask.dim() > 0
+        not torch.compiler.is_compiling()
+        and mask.dim() > 0
         and mask.shape[-1] > 0
         and mask.shape[-1] % 4 == 0
         and mask.stride(-1) == 1
@@ -158,6 +161,18 @@ def _forget_entry(drop: bool) -> Callable[[weakref.ref], None]:
     return forget
 
 
+def native_rows_per_head(head_rows: Tensor, mask_type: int) -> Tensor:
+    """``fully_masked_rows`` of a mask given to PyTorch's native MHA / encoder-layer
+    kernels, as (B, H, L)-broadcastable flags. ``mask_type`` says its layout:
+    0 an (L, S) attn_mask, 1 a (B, S) key padding mask (a fully padded batch
+    element masks every query), 2 a merged (B, H, L, S) mask."""
+    if mask_type == 0:
+        return head_rows.view(1, 1, -1)
+    if mask_type == 1:
+        return head_rows.view(-1, 1, 1)
+    return head_rows
+
+
 def rows_and_kernel_mask(mask: Tensor, *, drop: bool = False) -> tuple[Tensor, Tensor] | None:
     """For a fused kernel whose steps after the softmax are row by row (native
     MHA, the encoder layer): the fully masked rows, and the mask to call it with.
@@ -241,7 +256,7 @@ def hf_fully_masked_rows(mask: Tensor) -> Tensor:
     counts as fully masked when every entry is ``-inf`` or the dtype's lowest
     finite value: for transformers both mean "this key is masked"."""
     if mask.dtype == torch.bool:
-        return ~mask.any(-1)
+        return fully_masked_rows(mask)
     # amax propagates NaN, and NaN <= lowest is False: a NaN row stays as it is.
     return mask.amax(-1) <= torch.finfo(mask.dtype).min
 

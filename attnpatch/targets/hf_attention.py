@@ -47,7 +47,7 @@ from torch import Tensor
 
 from attnpatch import masks
 from attnpatch._patching import PatchPoint, Skip, logger
-from attnpatch.targets import get_arg, torch_sdpa, with_arg
+from attnpatch.targets import copy_with_globals, get_arg, torch_sdpa, with_arg
 
 MASK = 4  # attention_mask: (module, query, key, value, attention_mask, ...)
 
@@ -118,12 +118,9 @@ class PlainFunctionPoint(PatchPoint):
         except Exception:  # noqa: BLE001 - any lookup failure means "not in this version"
             self._skip(f"{self.qualname} not found in this version")
             return
-        try:
-            wrapper = self.prepare(original) if self.prepare else self.wrapper
-        except Skip as why:
-            self._skip(str(why))
+        wrapper = self._wrapper_for(original)
+        if wrapper is None:
             return
-
         token = self._token = object()
 
         @functools.wraps(original)
@@ -188,12 +185,7 @@ def _eager_point(model: str, optional: bool = True) -> PlainFunctionPoint:
     def prepare(original: Any) -> Callable[..., Any]:
         if type(original) is not types.FunctionType or original.__globals__.get("nn") is not torch.nn:
             raise Skip(f"{point.qualname} is not transformers' plain function; attnpatch leaves it alone")
-        namespace = dict(original.__globals__, nn=SAFE_NN)
-        safe_copy = types.FunctionType(
-            original.__code__, namespace, original.__name__, original.__defaults__, original.__closure__
-        )
-        safe_copy.__kwdefaults__ = original.__kwdefaults__
-        return _eager_wrapper(safe_copy)
+        return _eager_wrapper(copy_with_globals(original, nn=SAFE_NN))
 
     point.prepare = prepare
     return point

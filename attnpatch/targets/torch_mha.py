@@ -29,7 +29,7 @@ from torch import Tensor
 
 from attnpatch import masks
 from attnpatch._patching import PatchPoint, Skip
-from attnpatch.targets import get_arg, with_arg
+from attnpatch.targets import copy_with_globals, get_arg, with_arg
 from attnpatch.targets import torch_sdpa
 
 MASK, NEED_WEIGHTS, AVERAGE, MASK_TYPE = 9, 10, 11, 12  # _native_multi_head_attention
@@ -55,20 +55,14 @@ def _prepare_mha_forward(original: Any) -> Callable[..., Any]:
             f"something else ({type(original).__name__} {getattr(original, '__module__', '?')}."
             f"{getattr(original, '__qualname__', '?')}); attnpatch leaves it alone"
         )
-    namespace = dict(original.__globals__)
-    namespace["softmax"] = masks.safe_softmax
-    namespace["scaled_dot_product_attention"] = _sanitised_sdpa
-    # Re-dispatch from __torch_function__ handling (used by torch.compile's
-    # tracing modes) must come back to the sanitised copy, not the original.
-    namespace["multi_head_attention_forward"] = _dispatch_again
-    clone = types.FunctionType(
-        original.__code__, namespace, original.__name__, original.__defaults__, original.__closure__
+    _safe_mha_forward = copy_with_globals(
+        original,
+        softmax=masks.safe_softmax,
+        scaled_dot_product_attention=_sanitised_sdpa,
+        # Re-dispatch from __torch_function__ handling (used by torch.compile's
+        # tracing modes) must come back to the sanitised copy, not the original.
+        multi_head_attention_forward=_dispatch_again,
     )
-    clone.__kwdefaults__ = original.__kwdefaults__
-    clone.__qualname__ = original.__qualname__
-    clone.__module__ = original.__module__
-    clone.__doc__ = original.__doc__
-    _safe_mha_forward = clone
     return _mha_forward_wrapper
 
 
@@ -80,16 +74,6 @@ def _mha_forward_wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple
     if _safe_mha_forward is None:
         return wrapped(*args, **kwargs)
     return _safe_mha_forward(*args, **kwargs)
-
-
-def _rows_per_query(head_rows: Tensor, mask_type: int) -> Tensor:
-    """Fully masked rows of a native-kernel mask, as (B, L)-broadcastable flags
-    that are True only where every head is fully masked."""
-    if mask_type == 0:  # (L, S) attn_mask
-        return head_rows.view(1, -1)
-    if mask_type == 1:  # (B, S) key padding mask: a fully padded batch element
-        return head_rows.view(-1, 1)
-    return head_rows.amin(1)  # (B, H, L, S) merged mask; amin: bool all() over a middle dim is slow on CPU
 
 
 def _native_mha_wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple, kwargs: dict) -> Any:
@@ -108,7 +92,8 @@ def _native_mha_wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple,
             return wrapped(*args, **kwargs)
         head_rows, kernel_mask = fix
         call_args, call_kwargs = with_arg(args, kwargs, MASK, "mask", kernel_mask)
-        rows = _rows_per_query(head_rows, mask_type)
+        per_head_rows = masks.native_rows_per_head(head_rows, mask_type)
+        rows = per_head_rows.amin(1)  # masked in every head (amin: bool all() over a middle dim is slow on CPU)
         per_head = mask_type == 2 and mask.shape[1] > 1 and mask.stride(1) != 0
     except Exception:  # noqa: BLE001 - malformed input: let PyTorch raise its own error
         return wrapped(*args, **kwargs)
@@ -117,7 +102,7 @@ def _native_mha_wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple,
     # The fast path runs without autograd, so its fresh results are fixed in place.
     out = masks.clear_result_rows(out, rows, bias)
     if need_weights:
-        weights = masks.clear_result_rows(weights, rows if average else _per_head(head_rows, mask_type))
+        weights = masks.clear_result_rows(weights, rows if average else per_head_rows)
     if per_head and masks.may_inspect_values(mask):
         # Rows masked in some heads only: NaN without attnpatch, and the fused
         # kernel cannot zero one head of a row. Recompute just those (CPU, where
@@ -131,15 +116,6 @@ def _native_mha_wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple,
                 flags = some_heads if average else some_heads.unsqueeze(1)
                 weights = torch.where(flags.unsqueeze(-1), slow_weights, weights)
     return out, weights
-
-
-def _per_head(head_rows: Tensor, mask_type: int) -> Tensor:
-    """Fully masked rows as (B, H, L)-broadcastable flags, per head."""
-    if mask_type == 0:
-        return head_rows.view(1, 1, -1)
-    if mask_type == 1:
-        return head_rows.view(-1, 1, 1)
-    return head_rows
 
 
 def _python_path(args: tuple, kwargs: dict, mask: Tensor, need_weights: bool, average: bool) -> tuple[Tensor, Tensor]:

@@ -47,11 +47,7 @@ def _encoder_layer_wrapper(wrapped: Callable[..., Tensor], instance: Any, args: 
 def _rows_with_nan(head_rows: Tensor, mask_type: int) -> Tensor:
     """(B, L)-broadcastable flags of the output rows a fully masked row makes NaN:
     masked in any head (the output projection mixes the heads of a row)."""
-    if mask_type == 0:  # (L, S)
-        return head_rows.view(1, -1)
-    if mask_type == 1:  # (B, S): a fully padded batch element, every query
-        return head_rows.view(-1, 1)
-    return head_rows.amax(1)  # (B, H, L, S)
+    return masks.native_rows_per_head(head_rows, mask_type).amax(1)
 
 
 POINT = PatchPoint("torch", "_transformer_encoder_layer_fwd", _encoder_layer_wrapper)
