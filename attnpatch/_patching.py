@@ -3,10 +3,11 @@
 A patch is a wrapt ``FunctionWrapper`` placed with ``wrapt.wrap_object`` and
 taken off with ``wrapt.unwrap_object``, so removal restores the very object that
 was there before and splices us out from under wrapt wrappers other libraries
-put on top. (One exception: transformers' attention functions are replaced by
-plain functions, because dynamo traces the *original* code behind a wrapt proxy
-of a Python function; see ``targets/hf_attention.py``.) A wrapper that another
-library left covering ours cannot be removed; it then passes every call through.
+put on top. (One exception: ``PlainFunctionPoint`` replaces a plain Python
+function, or a dict entry holding one, with another plain function, because
+dynamo traces the *original* code behind a wrapt proxy of a Python function.)
+A wrapper that another library left covering ours cannot be removed; it then
+passes every call through.
 
 A target is installed while anyone holds it: the process-wide switch
 (``apply``/``remove``) or any open ``patched()`` scope. One re-entrant lock
@@ -21,6 +22,7 @@ code lazily) are patched when they load.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import sys
@@ -149,6 +151,75 @@ class PatchPoint:
         if not self.optional and why not in _warned:
             _warned.add(why)
             warnings.warn(f"attnpatch: {why}", AttnPatchWarning, stacklevel=4)
+
+
+@dataclass(eq=False)
+class PlainFunctionPoint(PatchPoint):
+    """A function replaced by a *plain Python function* that calls ``wrapper``: the
+    module attribute ``path``, or, with ``key``, the entry ``key`` of the dict at
+    ``path``. Not a wrapt proxy, on purpose: a ``FunctionWrapper`` passes
+    ``isinstance(x, FunctionType)`` through its proxied ``__class__``, so dynamo
+    traces the *original* code behind it and a compiled model runs unpatched
+    (measured with transformers 5.24, torch 2.13). Removal puts the exact original
+    back if our function is still there."""
+
+    key: str | None = None
+
+    @property
+    def qualname(self) -> str:
+        return super().qualname + (f"[{self.key!r}]" if self.key is not None else "")
+
+    def _slot(self, module: Any) -> tuple[Any, str, Callable[[Any], None]]:
+        """(current object, where, setter) of the replaced function."""
+        if self.key is None:
+            parent, name, current = wrapt.resolve_path(module, self.path)
+            return current, name, lambda value: setattr(parent, name, value)
+        _, _, mapping = wrapt.resolve_path(module, self.path)
+        return mapping[self.key], self.key, lambda value: mapping.__setitem__(self.key, value)
+
+    def install(self, module: Any) -> None:
+        if self.handle is not None:
+            return
+        try:
+            original, _, put = self._slot(module)
+        except Exception:  # noqa: BLE001 - any lookup failure means "not in this version"
+            self._skip(f"{self.qualname} not found in this version")
+            return
+        wrapper = self._wrapper_for(original)
+        if wrapper is None:
+            return
+        token = self._token = object()
+
+        @functools.wraps(original)
+        def patched(*args: Any, **kwargs: Any) -> Any:
+            # Once removed, or displaced by another library, this function only
+            # passes through, even if it is still reachable from somewhere.
+            if self._token is not token:
+                return original(*args, **kwargs)
+            return wrapper(original, None, args, kwargs)
+
+        put(patched)
+        self.handle = (patched, original)
+        self.state, self.note = "installed", ""
+        logger.debug("attnpatch: installed %s", self.qualname)
+
+    def remove(self) -> None:
+        if self.handle is None:
+            self.state = "off"
+            return
+        patched, original = self.handle
+        self.handle = self._token = None
+        try:
+            current, _, put = self._slot(sys.modules[self.module])
+        except Exception:  # noqa: BLE001
+            current = put = None
+        if current is patched:
+            put(original)
+            self.state, self.note = "off", ""
+        else:
+            # Someone put their own function over ours: keep theirs; ours
+            # (wherever it still is) is a pass-through now.
+            self.state, self.note = "displaced", "replaced by another library; left alone"
 
 
 def _current_only(point: PatchPoint, token: object, wrapper: Callable[..., Any]) -> Callable[..., Any]:

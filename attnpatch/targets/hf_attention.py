@@ -34,19 +34,15 @@ above find them.
 
 from __future__ import annotations
 
-import functools
-import sys
 import types
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
-import wrapt
 from torch import Tensor
 
 from attnpatch import masks
-from attnpatch._patching import PatchPoint, Skip, logger
+from attnpatch._patching import PatchPoint, PlainFunctionPoint, Skip
 from attnpatch.targets import copy_with_globals, get_arg, torch_sdpa, with_arg
 
 MASK = 4  # attention_mask: (module, query, key, value, attention_mask, ...)
@@ -55,7 +51,7 @@ MASK = 4  # attention_mask: (module, query, key, value, attention_mask, ...)
 # --- sdpa / flex: entries of AttentionInterface._global_mapping -----------------
 
 
-def _zero_padded_rows(point: "PlainFunctionPoint") -> Callable[..., Any]:
+def _zero_padded_rows(point: PlainFunctionPoint) -> Callable[..., Any]:
     """Wrapper for a function returning ``(output (B, L, H, D), extra)``."""
 
     def wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple, kwargs: dict) -> Any:
@@ -84,75 +80,6 @@ def _reaches_safe_kernel(query: Any) -> bool:
     if torch_sdpa.POINT.handle is not None and kernel is torch_sdpa.POINT.handle:
         kernel = kernel.__wrapped__
     return torch_sdpa._kernel_is_safe(kernel, query)
-
-
-@dataclass(eq=False)
-class PlainFunctionPoint(PatchPoint):
-    """A function replaced by a *plain Python function* that calls ``wrapper``: the
-    module attribute ``path``, or, with ``key``, the entry ``key`` of the dict at
-    ``path``. Not a wrapt proxy, on purpose: a ``FunctionWrapper`` passes
-    ``isinstance(x, FunctionType)`` through its proxied ``__class__``, so dynamo
-    traces the *original* code behind it and a compiled model runs unpatched
-    (measured with transformers 5.24, torch 2.13). Removal puts the exact original
-    back if our function is still there."""
-
-    key: str | None = None
-
-    @property
-    def qualname(self) -> str:
-        return super().qualname + (f"[{self.key!r}]" if self.key is not None else "")
-
-    def _slot(self, module: Any) -> tuple[Any, str, Callable[[Any], None]]:
-        """(current object, where, setter) of the replaced function."""
-        if self.key is None:
-            parent, name, current = wrapt.resolve_path(module, self.path)
-            return current, name, lambda value: setattr(parent, name, value)
-        _, _, mapping = wrapt.resolve_path(module, self.path)
-        return mapping[self.key], self.key, lambda value: mapping.__setitem__(self.key, value)
-
-    def install(self, module: Any) -> None:
-        if self.handle is not None:
-            return
-        try:
-            original, _, put = self._slot(module)
-        except Exception:  # noqa: BLE001 - any lookup failure means "not in this version"
-            self._skip(f"{self.qualname} not found in this version")
-            return
-        wrapper = self._wrapper_for(original)
-        if wrapper is None:
-            return
-        token = self._token = object()
-
-        @functools.wraps(original)
-        def patched(*args: Any, **kwargs: Any) -> Any:
-            # Once removed, or displaced by another library, this function only
-            # passes through, even if it is still reachable from somewhere.
-            if self._token is not token:
-                return original(*args, **kwargs)
-            return wrapper(original, None, args, kwargs)
-
-        put(patched)
-        self.handle = (patched, original)
-        self.state, self.note = "installed", ""
-        logger.debug("attnpatch: installed %s", self.qualname)
-
-    def remove(self) -> None:
-        if self.handle is None:
-            self.state = "off"
-            return
-        patched, original = self.handle
-        self.handle = self._token = None
-        try:
-            current, _, put = self._slot(sys.modules[self.module])
-        except Exception:  # noqa: BLE001
-            current = put = None
-        if current is patched:
-            put(original)
-            self.state, self.note = "off", ""
-        else:
-            # Someone put their own function over ours: keep theirs; ours
-            # (wherever it still is) is a pass-through now.
-            self.state, self.note = "displaced", "replaced by another library; left alone"
 
 
 def _entry(key: str) -> PlainFunctionPoint:
