@@ -65,6 +65,11 @@ class PatchPoint:
     ``prepare(original)`` may build the wrapper from the original object at install
     time instead (used to clone a function); it returns a wrapper or raises
     ``Skip`` to leave the point alone.
+
+    ``aliases`` are other ``(module, path)`` names of the same object. Each one
+    that still holds the original gets the *same* wrapper object, so identity
+    checks between the names (``func is F.scaled_dot_product_attention`` in a
+    ``__torch_function__`` handler that received ``torch._C._nn``'s) keep holding.
     """
 
     module: str
@@ -72,11 +77,13 @@ class PatchPoint:
     wrapper: Callable[..., Any] | None = None
     prepare: Callable[[Any], Callable[..., Any]] | None = None
     optional: bool = False  # absent in some library versions: skip quietly
+    aliases: tuple[tuple[str, str], ...] = ()
     handle: Any = field(default=None, repr=False)
     state: str = "off"  # off | installed | deferred | skipped | displaced
     note: str = ""
     _token: Any = field(default=None, repr=False)  # the installation now in place, if any
     _spare: Any = field(default=None, repr=False)  # (wrapper, its token), kept for reuse
+    _aliased: list = field(default_factory=list, repr=False)  # (module, path) of aliases now wrapped
 
     @property
     def qualname(self) -> str:
@@ -104,6 +111,15 @@ class PatchPoint:
         # alias for it stays valid.
         spare, self._token = self._spare
         self.handle = wrapt.wrap_object(module, self.path, lambda _original: spare)
+        for alias in self.aliases:
+            alias_module = sys.modules.get(alias[0])
+            try:
+                holds_original = wrapt.resolve_path(alias_module, alias[1])[2] is original
+            except Exception:  # noqa: BLE001 - absent in this version
+                holds_original = False
+            if holds_original:
+                wrapt.wrap_object(alias_module, alias[1], lambda _original: spare)
+                self._aliased.append(alias)
         self.state, self.note = "installed", ""
         logger.debug("attnpatch: installed %s", self.qualname)
 
@@ -111,14 +127,17 @@ class PatchPoint:
         if self.handle is None:
             self.state = "off"
             return
-        module = sys.modules.get(self.module)
-        try:
-            removed = module is not None and wrapt.unwrap_object(
-                module, self.path, self.handle, missing_ok=True
-            )
-        except (wrapt.WrapperNotOutermostError, wrapt.WrapperChainTooDeepError) as exc:
-            removed = None
-            self.note = f"left in place as a pass-through: {exc}"
+        removed = True
+        for module_name, path in [(self.module, self.path), *self._aliased]:
+            module = sys.modules.get(module_name)
+            try:
+                removed = (
+                    module is not None and wrapt.unwrap_object(module, path, self.handle, missing_ok=True)
+                ) and removed
+            except (wrapt.WrapperNotOutermostError, wrapt.WrapperChainTooDeepError) as exc:
+                removed = None
+                self.note = f"left in place as a pass-through: {exc}"
+        self._aliased.clear()
         self._token = None  # from now on the wrapper passes every call through
         self.handle = None
         if removed:

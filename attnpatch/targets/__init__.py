@@ -7,6 +7,8 @@ from __future__ import annotations
 import types
 from typing import Any, Callable
 
+import torch
+
 
 def get_arg(args: tuple, kwargs: dict, index: int, name: str, default: Any = None) -> Any:
     """The argument a call passed at ``index`` or as ``name``."""
@@ -37,3 +39,39 @@ def with_arg(args: tuple, kwargs: dict, index: int, name: str, value: Any) -> tu
     if len(args) > index:
         return args[:index] + (value,) + args[index + 1 :], kwargs
     return args, {**kwargs, name: value}
+
+
+def overrides_engaged(args: tuple, kwargs: dict) -> bool:
+    """Whether torch's override protocol takes part in this call: an argument
+    whose type defines ``__torch_function__`` (``CausalBias``, a NestedTensor, a
+    user's subclass), or an active ``TorchFunctionMode`` (``torch.device(...)``,
+    export's tracing mode). A patched torch entry point then calls the original
+    untouched, so every handler sees exactly the call it sees without
+    attnpatch; when a handler calls back with plain tensors (or with its mode
+    popped), that call comes through the patched entry point and gets the fix.
+    DTensor, FakeTensor and Parameter do not take part (their
+    ``__torch_function__`` is disabled): they go through the fix itself.
+
+    Never while torch.compile or export traces: their tracing modes are not the
+    caller's, and the fix must be traced into the graph."""
+    return torch._C._has_torch_function(args + tuple(kwargs.values()) if kwargs else args) and (
+        not torch.compiler.is_compiling()
+    )
+
+
+def subclass_arguments(args: tuple, kwargs: dict) -> bool:
+    """``overrides_engaged`` without the modes, for functions that are not a unit
+    of torch's dispatch (transformers' attention functions): an active mode sees
+    each torch call inside them anyway, the fix's included (that is how an
+    export records it), but a subclass argument must see only the calls it sees
+    without attnpatch."""
+    values = args + tuple(kwargs.values()) if kwargs else args
+    return any(
+        type(value) is not torch.Tensor
+        and getattr(type(value), "__torch_function__", _DISABLED) is not _DISABLED
+        for value in values
+        if isinstance(value, torch.Tensor)
+    )
+
+
+_DISABLED = torch._C._disabled_torch_function_impl

@@ -43,7 +43,7 @@ from torch import Tensor
 
 from attnpatch import masks
 from attnpatch._patching import PatchPoint, PlainFunctionPoint, Skip
-from attnpatch.targets import copy_with_globals, get_arg, torch_sdpa, with_arg
+from attnpatch.targets import copy_with_globals, get_arg, subclass_arguments, torch_sdpa, with_arg
 
 MASK = 4  # attention_mask: (module, query, key, value, attention_mask, ...)
 
@@ -56,8 +56,8 @@ def _zero_padded_rows(point: PlainFunctionPoint) -> Callable[..., Any]:
 
     def wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple, kwargs: dict) -> Any:
         mask = get_arg(args, kwargs, MASK, "attention_mask")
-        if not isinstance(mask, Tensor) or mask.ndim != 4:
-            return wrapped(*args, **kwargs)  # no mask, or a BlockMask (already safe)
+        if not isinstance(mask, Tensor) or mask.ndim != 4 or subclass_arguments(args, kwargs):
+            return wrapped(*args, **kwargs)  # no mask, a BlockMask (already safe), or a subclass's call
         if not (mask.dtype == torch.bool or mask.is_floating_point()) or mask.shape[-1] == 0:
             return wrapped(*args, **kwargs)
         if point.key == "sdpa" and mask.dtype == torch.bool and _reaches_safe_kernel(get_arg(args, kwargs, 1, "query")):
@@ -123,6 +123,8 @@ def _eager_wrapper(safe_copy: Callable[..., Any]) -> Callable[..., Any]:
         mask = get_arg(args, kwargs, MASK, "attention_mask")
         # Eager adds the mask to the scores: only float masks mean anything there.
         if not isinstance(mask, Tensor) or not mask.is_floating_point() or mask.shape[-1] == 0:
+            return wrapped(*args, **kwargs)
+        if subclass_arguments(args, kwargs):
             return wrapped(*args, **kwargs)
         rows = masks.hf_fully_masked_rows(mask)
         if masks.may_inspect_values(mask) and not rows.any():

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from attnpatch import masks
 from attnpatch._patching import PatchPoint, Skip
-from attnpatch.targets import copy_with_globals, get_arg, with_arg
+from attnpatch.targets import copy_with_globals, get_arg, overrides_engaged, with_arg
 from attnpatch.targets import torch_sdpa
 
 MASK, NEED_WEIGHTS, AVERAGE, MASK_TYPE = 9, 10, 11, 12  # _native_multi_head_attention
@@ -71,14 +71,16 @@ def _dispatch_again(*args: Any, **kwargs: Any) -> Any:
 
 
 def _mha_forward_wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple, kwargs: dict) -> Any:
-    if _safe_mha_forward is None:
+    if _safe_mha_forward is None or overrides_engaged(args, kwargs):
+        # The original hands the call to the handlers with func =
+        # F.multi_head_attention_forward (this wrapper), as without attnpatch.
         return wrapped(*args, **kwargs)
     return _safe_mha_forward(*args, **kwargs)
 
 
 def _native_mha_wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple, kwargs: dict) -> Any:
     mask = get_arg(args, kwargs, MASK, "mask")
-    if not isinstance(mask, Tensor):
+    if not isinstance(mask, Tensor) or overrides_engaged(args, kwargs):
         return wrapped(*args, **kwargs)
     try:
         mask_type = get_arg(args, kwargs, MASK_TYPE, "mask_type")

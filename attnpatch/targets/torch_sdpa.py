@@ -1,4 +1,5 @@
-"""Target ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention``.
+"""Target ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` (and its
+other name, ``torch._C._nn.scaled_dot_product_attention``, with the same wrapper).
 
 Knows torch 2.4 - 2.13 (signature ``query, key, value, attn_mask, dropout_p,
 is_causal, scale, enable_gqa``). ``is_causal`` alone never masks a whole row, so
@@ -9,6 +10,10 @@ PyTorch's own CPU kernels (math and flash; torch 2.13 does) already give such ro
 output 0 and zero, finite gradients. Where a check at first use confirms that for
 the running torch, eager calls of the real kernel on plain CPU tensors pass
 straight through: the contract holds and the call costs nothing extra.
+
+A call that engages torch's override protocol (a ``__torch_function__`` subclass
+such as PyTorch's ``CausalBias``, or a ``TorchFunctionMode``) runs the original
+untouched; the handler's call back comes through here with plain tensors.
 """
 
 from __future__ import annotations
@@ -17,10 +22,11 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor
+from torch.nn.attention.bias import CausalBias, CausalVariant
 
 from attnpatch import masks
 from attnpatch._patching import PatchPoint
-from attnpatch.targets import get_arg, with_arg
+from attnpatch.targets import get_arg, overrides_engaged, with_arg
 
 ATTN_MASK = 3  # positional index of attn_mask
 TORCH_SDPA = torch._C._nn.scaled_dot_product_attention  # the kernel entry point itself
@@ -75,6 +81,8 @@ def _kernel_is_safe(sdpa: Callable[..., Tensor], query: Any) -> bool:
 
 def safe_sdpa(sdpa: Callable[..., Tensor], args: tuple, kwargs: dict) -> Any:
     """Call ``sdpa(*args, **kwargs)`` so that fully masked query rows give 0."""
+    if overrides_engaged(args, kwargs):
+        return _lower_right_bias_rows_cleared(sdpa(*args, **kwargs), args, kwargs)
     mask = get_arg(args, kwargs, ATTN_MASK, "attn_mask")
     if not isinstance(mask, Tensor) or not (mask.dtype == torch.bool or mask.is_floating_point()):
         return sdpa(*args, **kwargs)  # no mask, or one PyTorch will reject itself
@@ -93,9 +101,30 @@ def safe_sdpa(sdpa: Callable[..., Tensor], args: tuple, kwargs: dict) -> Any:
     return masks.clear_result_rows(sdpa(*safe_args, **safe_kwargs), rows)
 
 
+def _lower_right_bias_rows_cleared(out: Any, args: tuple, kwargs: dict) -> Any:
+    """PyTorch's ``causal_lower_right`` bias with more queries than keys leaves
+    the first ``L - S`` query rows with no key. Where its handler calls back
+    with a materialised mask, the fix already ran; where it calls a fused kernel
+    directly (CUDA), those rows are NaN, so they are cleared here."""
+    mask = get_arg(args, kwargs, ATTN_MASK, "attn_mask")
+    if not (isinstance(mask, CausalBias) and isinstance(out, Tensor) and type(out) is Tensor):
+        return out
+    empty_rows = mask.seq_len_q - mask.seq_len_kv
+    if mask.variant != CausalVariant.LOWER_RIGHT or empty_rows <= 0 or out.shape[-2] != mask.seq_len_q:
+        return out
+    rows = torch.arange(mask.seq_len_q, device=out.device) < empty_rows
+    return masks.clear_result_rows(out, rows)
+
+
 def _wrapper(wrapped: Callable[..., Tensor], instance: Any, args: tuple, kwargs: dict) -> Any:
     return safe_sdpa(wrapped, args, kwargs)
 
 
-POINT = PatchPoint("torch.nn.functional", "scaled_dot_product_attention", _wrapper)
+# torch._C._nn's name is the one PyTorch passes to __torch_function__ handlers as
+# ``func``; with the same wrapper there, ``func is F.scaled_dot_product_attention``
+# holds in a handler (CausalBias's check) as it does without attnpatch.
+POINT = PatchPoint(
+    "torch.nn.functional", "scaled_dot_product_attention", _wrapper,
+    aliases=(("torch._C._nn", "scaled_dot_product_attention"),),
+)
 POINTS = [POINT]

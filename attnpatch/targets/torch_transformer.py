@@ -21,14 +21,14 @@ from torch import Tensor
 
 from attnpatch import masks
 from attnpatch._patching import PatchPoint
-from attnpatch.targets import get_arg, with_arg
+from attnpatch.targets import get_arg, overrides_engaged, with_arg
 
 MASK, MASK_TYPE = 18, 19
 
 
 def _encoder_layer_wrapper(wrapped: Callable[..., Tensor], instance: Any, args: tuple, kwargs: dict) -> Any:
     mask = get_arg(args, kwargs, MASK, "mask")
-    if not isinstance(mask, Tensor):
+    if not isinstance(mask, Tensor) or overrides_engaged(args, kwargs):
         return wrapped(*args, **kwargs)
     try:
         mask_type = get_arg(args, kwargs, MASK_TYPE, "mask_type")

@@ -141,3 +141,18 @@ def test_status_names_every_point():
     attnpatch.remove()
     assert modeling_utils.ALL_ATTENTION_FUNCTIONS["sdpa"].__module__ == "transformers.integrations.sdpa_attention"
     assert type(modeling_utils.AttentionInterface._global_mapping["sdpa"]).__name__ == "function"
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@torch.no_grad()
+def test_a_torch_function_mode_keeps_the_fix(attn):
+    """transformers' attention functions are plain Python: a mode sees each torch
+    call inside them, the fix's included (that is how an export records it)."""
+    model = tiny_model("llama", attn)
+    with attnpatch.patched():
+        outside, _ = forward(model)
+        with torch.device("cpu"):  # a TorchFunctionMode
+            inside, outputs = forward(model)
+    assert torch.equal(inside.logits, outside.logits)
+    for out in outputs:
+        assert torch.equal(out[PADS], torch.zeros_like(out[PADS]))
