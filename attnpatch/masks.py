@@ -41,8 +41,10 @@ def fully_masked_rows(mask: Tensor, *, drop: bool = False) -> Tensor:
             words = mask.view(torch.int32)
             return words.amin(-1) == _ALL_TRUE_WORD if drop else words.amax(-1) == 0
         if mask.shape[-1] == 0:
-            return mask.all(-1) if drop else ~mask.any(-1)  # empty rows: all() is True
-        return mask.amin(-1) if drop else ~mask.amax(-1)
+            return mask.all(-1) if drop else mask.any(-1).logical_not()  # empty rows: all() is True
+        # logical_not, not ~: torch's Python binding of ~ wants a real device, so it
+        # fails on fake CUDA tensors (the tests' stand-in for a GPU).
+        return mask.amin(-1) if drop else mask.amax(-1).logical_not()
     # One reduction pass; amax propagates NaN and NaN == -inf is False.
     return mask.amax(-1) == NEG_INF
 
@@ -74,7 +76,7 @@ def admit_rows(mask: Tensor, rows: Tensor, *, drop: bool = False) -> Tensor:
     """
     flagged = rows.unsqueeze(-1)
     if mask.dtype == torch.bool:
-        return mask & ~flagged if drop else mask | flagged
+        return mask & flagged.logical_not() if drop else mask | flagged
     return mask.masked_fill(flagged, 0.0)
 
 
@@ -110,17 +112,23 @@ def clear_result_rows(out: Tensor, rows: Tensor, fill: Tensor | None = None) -> 
     return torch.where(flagged, fill.to(out.dtype), out, out=out)
 
 
-# drop flag -> (weak reference to a mask, its _version, rows, safe mask). One
+# drop flag -> [weak reference to a mask, its _version, rows, safe mask]. One
 # entry per convention: the layers of one forward pass reuse one mask tensor,
 # so the first layer pays for the mask pass and the others look it up. The
-# entry goes when its mask is freed.
-_last_mask: dict[bool, tuple[weakref.ref, int, Tensor, Tensor | None]] = {}
+# entry goes when its mask is freed. The safe mask is built on first demand.
+_last_mask: dict[bool, list[Any]] = {}
+_UNBUILT = object()
 
 
-def rows_and_safe_mask(mask: Tensor, *, drop: bool = False) -> tuple[Tensor, Tensor | None]:
+def rows_and_safe_mask(mask: Tensor, *, drop: bool = False, admit: bool = True) -> tuple[Tensor, Tensor | None]:
     """``fully_masked_rows(mask)`` and ``admit_rows(mask, rows)``; the safe mask is
     ``None`` when the rows could be looked at (``may_inspect_values``) and none is
     fully masked, so the call needs no change.
+
+    ``admit=False`` is for a kernel whose result rows are computed row by row and
+    through which no backward will run: the NaN it may give a fully masked row
+    stays in that row, which the caller overwrites, so the kernel gets ``mask``
+    itself and no safe mask (a pass over the whole mask) is built.
 
     The answer for the last mask seen is kept, keyed on the tensor's identity and
     its version counter (bumped by every in-place change), and the mask itself
@@ -134,17 +142,18 @@ def rows_and_safe_mask(mask: Tensor, *, drop: bool = False) -> tuple[Tensor, Ten
         and not mask.is_inference()
         and not torch.compiler.is_compiling()
     )
-    if cacheable:
-        hit = _last_mask.get(drop)
-        if hit is not None and hit[0]() is mask and hit[1] == mask._version:
-            return hit[2], hit[3]
-    rows = fully_masked_rows(mask, drop=drop)
-    if may_inspect_values(mask) and not rows.any():
-        safe = None
-    else:
-        safe = admit_rows(mask, rows, drop=drop)
-    if cacheable:
-        _last_mask[drop] = (weakref.ref(mask, _forget_entry(drop)), mask._version, rows, safe)
+    entry = _last_mask.get(drop) if cacheable else None
+    if entry is None or entry[0]() is not mask or entry[1] != mask._version:
+        rows = fully_masked_rows(mask, drop=drop)
+        entry = [None, 0, rows, None if may_inspect_values(mask) and not rows.any() else _UNBUILT]
+        if cacheable:
+            entry[:2] = weakref.ref(mask, _forget_entry(drop)), mask._version
+            _last_mask[drop] = entry
+    rows, safe = entry[2], entry[3]
+    if safe is None or not admit:
+        return rows, None if safe is None else mask
+    if safe is _UNBUILT:
+        safe = entry[3] = admit_rows(mask, rows, drop=drop)
     return rows, safe
 
 
@@ -189,15 +198,23 @@ def rows_and_kernel_mask(mask: Tensor, *, drop: bool = False) -> tuple[Tensor, T
     return rows, safe
 
 
+# True makes every call take the general path, the one CUDA and torch.compile
+# take, on CPU too: no value is read on the host and torch's CPU kernels are not
+# trusted. For the tests and benchmarks of that path; process-wide, not per thread.
+FORCE_GENERAL_PATH = False
+
+
 def may_inspect_values(tensor: Tensor) -> bool:
     """Whether reading a value of ``tensor`` on the host is free and allowed here.
 
-    True only for a plain CPU tensor outside ``torch.compile`` / export tracing:
-    on CUDA it would add a host-device sync, and while tracing a data-dependent
-    Python branch breaks ``fullgraph=True`` compilation.
+    True only for a plain CPU tensor outside ``torch.compile`` / export tracing
+    (and unless ``FORCE_GENERAL_PATH``): on CUDA it would add a host-device sync,
+    and while tracing a data-dependent Python branch breaks ``fullgraph=True``
+    compilation.
     """
     return (
-        type(tensor) is torch.Tensor
+        not FORCE_GENERAL_PATH
+        and type(tensor) is torch.Tensor
         and tensor.is_cpu  # cheaper than tensor.device.type, which builds a device object
         and not torch.compiler.is_compiling()
     )
