@@ -43,7 +43,7 @@ def reads_values(func: Any, args: tuple) -> bool:
     """Whether an aten op needs the values of its inputs on the host: a scalar
     read, an output whose shape depends on values, or a boolean index (a hidden
     ``nonzero()``)."""
-    if func in VALUE_READS or DATA_DEPENDENT_TAGS.intersection(func.tags):
+    if func in VALUE_READS or DATA_DEPENDENT_TAGS.intersection(getattr(func, "tags", ())):
         return True
     if func in INDEX_OPS and len(args) > 1:
         return any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in args[1] if i is not None)
@@ -53,7 +53,10 @@ def reads_values(func: Any, args: tuple) -> bool:
 class HostReads(TorchDispatchMode):
     """Records every aten op dispatched inside it (``ops``), and separately those
     that read values on the host (``reads``), each with the innermost attnpatch
-    source line on the Python stack (None when attnpatch is not on it)."""
+    source line on the Python stack (None when attnpatch is not on it).
+    A higher-order op (flex attention) is recorded as one op, not its insides."""
+
+    supports_higher_order_operators = True
 
     def __init__(self) -> None:
         super().__init__()
@@ -104,17 +107,18 @@ def trace(run: Callable[[], Any], *, patch: str | None) -> tuple[HostReads, list
     return reads, describe(result)
 
 
-def assert_no_new_host_reads(run: Callable[[], Any], patch: str = "") -> tuple[HostReads, HostReads]:
+def assert_no_new_host_reads(run: Callable[[], Any], patch: str = "", *, fix_runs: bool = True) -> tuple[HostReads, HostReads]:
     """The check of this test tier: ``run()`` patched adds no host read to the same
     call unpatched, returns results of the same shape, dtype and device, and
-    attnpatch's fix did run (the patched call dispatches ops the unpatched one
-    does not; a wrapper that failed and fell back to the original would not)."""
+    (``fix_runs``) attnpatch's fix did run: the patched call dispatches ops the
+    unpatched one does not, which a wrapper that failed and fell back would not."""
     unpatched, unpatched_result = trace(run, patch=None)
     patched, patched_result = trace(run, patch=patch)
     added = patched.read_ops() - unpatched.read_ops()
     assert not added, f"attnpatch added host reads: {patched.reads_in_attnpatch() or patched.reads}"
     assert patched_result == unpatched_result
-    assert patched.ops - unpatched.ops, "attnpatch's fix did not run (did its wrapper fall back?)"
+    if fix_runs:
+        assert patched.ops - unpatched.ops, "attnpatch's fix did not run (did its wrapper fall back?)"
     return unpatched, patched
 
 
@@ -123,11 +127,15 @@ def fake_mode() -> FakeTensorMode:
 
 
 def fake_like(module: torch.nn.Module, device: str, *, requires_grad: bool = False) -> dict[str, torch.Tensor]:
-    """Fake tensors on ``device`` for every parameter and buffer of ``module`` (call
-    inside a FakeTensorMode), for ``torch.func.functional_call``."""
-    named = [*module.named_parameters(), *module.named_buffers()]
+    """Fake tensors on ``device`` for every parameter (requiring grad if asked) and
+    buffer of ``module`` (call inside a FakeTensorMode), for ``torch.func.functional_call``."""
+
+    def fake(t: torch.Tensor, grad: bool) -> torch.Tensor:
+        if not t.is_floating_point():
+            return torch.zeros(t.shape, device=device, dtype=t.dtype)
+        return torch.randn(t.shape, device=device, dtype=t.dtype).requires_grad_(grad)
+
     return {
-        name: torch.randn(t.shape, device=device, dtype=t.dtype).requires_grad_(requires_grad and t.is_floating_point())
-        if t.is_floating_point() else torch.zeros(t.shape, device=device, dtype=t.dtype)
-        for name, t in named
+        **{name: fake(t, requires_grad) for name, t in module.named_parameters()},
+        **{name: fake(t, False) for name, t in module.named_buffers()},
     }
