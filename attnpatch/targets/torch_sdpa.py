@@ -90,14 +90,14 @@ def safe_sdpa(sdpa: Callable[..., Tensor], args: tuple, kwargs: dict) -> Any:
         backward = torch.is_grad_enabled() and any(
             isinstance(t, Tensor) and t.requires_grad for t in (query, key, value, mask)
         )
-        rows, kernel_mask = masks.rows_and_safe_mask(mask, admit=backward)
+        rows, kernel_mask = masks.rows_and_safe_mask(mask, admit=backward, keepdim=True)
         if kernel_mask is None:
             return sdpa(*args, **kwargs)  # common case on CPU: nothing to fix
         if kernel_mask is not mask:
             args, kwargs = with_arg(args, kwargs, ATTN_MASK, "attn_mask", kernel_mask)
     except Exception:  # noqa: BLE001 - malformed input: let PyTorch raise its own error
         return sdpa(*args, **kwargs)
-    return masks.clear_result_rows(sdpa(*args, **kwargs), rows)
+    return masks.clear_result_rows(sdpa(*args, **kwargs), rows, keepdim=True)
 
 
 def _wrapper(wrapped: Callable[..., Tensor], instance: Any, args: tuple, kwargs: dict) -> Any:

@@ -34,8 +34,8 @@ def _plant_item(monkeypatch):
 def _plant_boolean_index(monkeypatch):
     """A boolean index (a hidden nonzero()) where the output is cleared."""
 
-    def clear(out, rows, fill=None):
-        out[rows.expand(out.shape[:-1])] = 0.0
+    def clear(out, rows, fill=None, keepdim=False):
+        out[(rows[..., 0] if keepdim else rows).expand(out.shape[:-1])] = 0.0
         return out
 
     monkeypatch.setattr(masks, "clear_result_rows", clear)
