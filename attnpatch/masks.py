@@ -25,8 +25,9 @@ from torch import Tensor
 NEG_INF = float("-inf")
 
 
-def fully_masked_rows(mask: Tensor, *, drop: bool = False) -> Tensor:
-    """Boolean tensor of shape ``mask.shape[:-1]``: True where the row admits no key.
+def fully_masked_rows(mask: Tensor, *, drop: bool = False, keepdim: bool = False) -> Tensor:
+    """Boolean tensor of shape ``mask.shape[:-1]`` (``keepdim``: with the last dim
+    kept as 1): True where the row admits no key.
 
     ``drop`` selects the boolean convention (see module docstring). A float row is
     fully masked only when every entry is exactly ``-inf``; a NaN entry keeps the
@@ -39,25 +40,29 @@ def fully_masked_rows(mask: Tensor, *, drop: bool = False) -> Tensor:
             # is all False when every word is 0 and all True when every word is
             # 0x01010101, the largest word a bool row can hold.
             words = mask.view(torch.int32)
-            return words.amin(-1) == _ALL_TRUE_WORD if drop else words.amax(-1) == 0
+            return words.amin(-1, keepdim) == _ALL_TRUE_WORD if drop else words.amax(-1, keepdim) == 0
         if mask.shape[-1] == 0:
-            return mask.all(-1) if drop else ~mask.any(-1)  # empty rows: all() is True
-        return mask.amin(-1) if drop else ~mask.amax(-1)
+            return mask.all(-1, keepdim) if drop else mask.any(-1, keepdim).logical_not()  # empty rows: all() is True
+        # logical_not, not ~: torch's Python binding of ~ wants a real device, so it
+        # fails on fake CUDA tensors (the tests' stand-in for a GPU).
+        return mask.amin(-1, keepdim) if drop else mask.amax(-1, keepdim).logical_not()
     # One reduction pass; amax propagates NaN and NaN == -inf is False.
-    return mask.amax(-1) == NEG_INF
+    return mask.amax(-1, keepdim) == NEG_INF
 
 
 _ALL_TRUE_WORD = 0x01010101
+_WORDS_FROM = 1 << 16  # bytes: below this, one op fewer beats the faster reduction
 
 
 def _packs_into_int32(mask: Tensor) -> bool:
-    """Whether ``mask.view(torch.int32)`` is allowed: rows of whole, aligned words.
-    Never while dynamo traces: ``storage_offset()`` breaks its graph, and compiled
-    code does not need the eager speed-up."""
+    """Whether ``mask.view(torch.int32)`` is allowed and pays: rows of whole,
+    aligned words in a mask large enough. Never while dynamo traces:
+    ``storage_offset()`` breaks its graph, and compiled code does not need the
+    eager speed-up."""
     return (
         not torch.compiler.is_compiling()
         and mask.dim() > 0
-        and mask.shape[-1] > 0
+        and mask.numel() >= _WORDS_FROM
         and mask.shape[-1] % 4 == 0
         and mask.stride(-1) == 1
         and mask.storage_offset() % 4 == 0
@@ -65,62 +70,71 @@ def _packs_into_int32(mask: Tensor) -> bool:
     )
 
 
-def admit_rows(mask: Tensor, rows: Tensor, *, drop: bool = False) -> Tensor:
-    """A new mask in which each row flagged in ``rows`` admits every key.
+def admit_rows(mask: Tensor, rows: Tensor, *, drop: bool = False, keepdim: bool = False) -> Tensor:
+    """A new mask in which each row flagged in ``rows`` admits every key
+    (``keepdim``: ``rows`` has the mask's last dim kept as 1).
 
     Softmax over such a row is finite, so any kernel computes a finite (and
     meaningless) result there, which the caller then clears. Rows not flagged
     are copied unchanged, so their results stay bitwise identical.
     """
-    flagged = rows.unsqueeze(-1)
+    flagged = rows if keepdim else rows.unsqueeze(-1)
     if mask.dtype == torch.bool:
-        return mask & ~flagged if drop else mask | flagged
+        return mask & flagged.logical_not() if drop else mask | flagged
     return mask.masked_fill(flagged, 0.0)
 
 
-def clear_rows(out: Tensor, rows: Tensor, fill: Tensor | None = None) -> Tensor:
+def clear_rows(out: Tensor, rows: Tensor, fill: Tensor | None = None, *, keepdim: bool = False) -> Tensor:
     """``out`` with each flagged row replaced by ``fill`` (broadcast over the last dim) or 0.
 
-    ``rows`` must broadcast against ``out.shape[:-1]``. ``masked_fill``/``where``
-    pass zero gradient to the cleared rows, so they contribute nothing to any
-    gradient upstream.
+    ``rows`` must broadcast against ``out.shape[:-1]`` (``keepdim``: against
+    ``out``, its last dim 1). ``masked_fill``/``where`` pass zero gradient to
+    the cleared rows, so they contribute nothing to any gradient upstream.
     """
-    flagged = rows.unsqueeze(-1)
+    flagged = rows if keepdim else rows.unsqueeze(-1)
     if fill is None:
         return out.masked_fill(flagged, 0.0)
     return torch.where(flagged, fill.to(out.dtype), out)
 
 
-def clear_result_rows(out: Tensor, rows: Tensor, fill: Tensor | None = None) -> Tensor:
+def clear_result_rows(out: Tensor, rows: Tensor, fill: Tensor | None = None, *, keepdim: bool = False) -> Tensor:
     """``clear_rows`` for a result the caller does not hold yet (a kernel's fresh
     output): in place when autograd is not recording it, which saves a copy of
     the whole output. With autograd recording, the kernel may have saved ``out``
     for its backward, so it is cleared out of place."""
     if out.requires_grad and torch.is_grad_enabled():
-        return clear_rows(out, rows, fill)
+        return clear_rows(out, rows, fill, keepdim=keepdim)
     if may_inspect_values(out):
         # On CPU a boolean index writes just the flagged rows (given a whole row
         # as the value); masked_fill_ and where walk every element.
         value = torch.zeros(out.shape[-1], dtype=out.dtype) if fill is None else fill.to(out.dtype)
-        out[rows.expand(out.shape[:-1])] = value
+        out[(rows[..., 0] if keepdim else rows).expand(out.shape[:-1])] = value
         return out
-    flagged = rows.unsqueeze(-1)
+    flagged = rows if keepdim else rows.unsqueeze(-1)
     if fill is None:
         return out.masked_fill_(flagged, 0.0)
     return torch.where(flagged, fill.to(out.dtype), out, out=out)
 
 
-# drop flag -> (weak reference to a mask, its _version, rows, safe mask). One
-# entry per convention: the layers of one forward pass reuse one mask tensor,
+# (drop, keepdim) -> [weak reference to a mask, its _version, rows, safe mask].
+# One entry per convention and caller: the layers of one forward pass reuse one mask tensor,
 # so the first layer pays for the mask pass and the others look it up. The
-# entry goes when its mask is freed.
-_last_mask: dict[bool, tuple[weakref.ref, int, Tensor, Tensor | None]] = {}
+# entry goes when its mask is freed. The safe mask is built on first demand.
+_last_mask: dict[tuple[bool, bool], list[Any]] = {}
+_UNBUILT = object()
 
 
-def rows_and_safe_mask(mask: Tensor, *, drop: bool = False) -> tuple[Tensor, Tensor | None]:
+def rows_and_safe_mask(
+    mask: Tensor, *, drop: bool = False, admit: bool = True, keepdim: bool = False
+) -> tuple[Tensor, Tensor | None]:
     """``fully_masked_rows(mask)`` and ``admit_rows(mask, rows)``; the safe mask is
     ``None`` when the rows could be looked at (``may_inspect_values``) and none is
     fully masked, so the call needs no change.
+
+    ``admit=False`` is for a kernel whose result rows are computed row by row and
+    through which no backward will run: the NaN it may give a fully masked row
+    stays in that row, which the caller overwrites, so the kernel gets ``mask``
+    itself and no safe mask (a pass over the whole mask) is built.
 
     The answer for the last mask seen is kept, keyed on the tensor's identity and
     its version counter (bumped by every in-place change), and the mask itself
@@ -134,29 +148,31 @@ def rows_and_safe_mask(mask: Tensor, *, drop: bool = False) -> tuple[Tensor, Ten
         and not mask.is_inference()
         and not torch.compiler.is_compiling()
     )
-    if cacheable:
-        hit = _last_mask.get(drop)
-        if hit is not None and hit[0]() is mask and hit[1] == mask._version:
-            return hit[2], hit[3]
-    rows = fully_masked_rows(mask, drop=drop)
-    if may_inspect_values(mask) and not rows.any():
-        safe = None
-    else:
-        safe = admit_rows(mask, rows, drop=drop)
-    if cacheable:
-        _last_mask[drop] = (weakref.ref(mask, _forget_entry(drop)), mask._version, rows, safe)
+    key = (drop, keepdim)
+    entry = _last_mask.get(key) if cacheable else None
+    if entry is None or entry[0]() is not mask or entry[1] != mask._version:
+        rows = fully_masked_rows(mask, drop=drop, keepdim=keepdim)
+        entry = [None, 0, rows, None if may_inspect_values(mask) and not rows.any() else _UNBUILT]
+        if cacheable:
+            entry[:2] = weakref.ref(mask, _forget_entry(key)), mask._version
+            _last_mask[key] = entry
+    rows, safe = entry[2], entry[3]
+    if safe is None or not admit:
+        return rows, None if safe is None else mask
+    if safe is _UNBUILT:
+        safe = entry[3] = admit_rows(mask, rows, drop=drop, keepdim=keepdim)
     return rows, safe
 
 
-def _forget_entry(drop: bool) -> Callable[[weakref.ref], None]:
+def _forget_entry(key: tuple[bool, bool]) -> Callable[[weakref.ref], None]:
     """Callback for when a cached mask dies: drop its entry with it, so that a
     safe mask never outlives the mask it was made from (no memory held between
     calls for masks built afresh each time)."""
 
     def forget(ref: weakref.ref) -> None:
-        entry = _last_mask.get(drop)
+        entry = _last_mask.get(key)
         if entry is not None and entry[0] is ref:
-            _last_mask.pop(drop, None)
+            _last_mask.pop(key, None)
 
     return forget
 
@@ -189,15 +205,23 @@ def rows_and_kernel_mask(mask: Tensor, *, drop: bool = False) -> tuple[Tensor, T
     return rows, safe
 
 
+# True makes every call take the general path, the one CUDA and torch.compile
+# take, on CPU too: no value is read on the host and torch's CPU kernels are not
+# trusted. For the tests and benchmarks of that path; process-wide, not per thread.
+FORCE_GENERAL_PATH = False
+
+
 def may_inspect_values(tensor: Tensor) -> bool:
     """Whether reading a value of ``tensor`` on the host is free and allowed here.
 
-    True only for a plain CPU tensor outside ``torch.compile`` / export tracing:
-    on CUDA it would add a host-device sync, and while tracing a data-dependent
-    Python branch breaks ``fullgraph=True`` compilation.
+    True only for a plain CPU tensor outside ``torch.compile`` / export tracing
+    (and unless ``FORCE_GENERAL_PATH``): on CUDA it would add a host-device sync,
+    and while tracing a data-dependent Python branch breaks ``fullgraph=True``
+    compilation.
     """
     return (
-        type(tensor) is torch.Tensor
+        not FORCE_GENERAL_PATH
+        and type(tensor) is torch.Tensor
         and tensor.is_cpu  # cheaper than tensor.device.type, which builds a device object
         and not torch.compiler.is_compiling()
     )

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import attnpatch
-from attnpatch.targets import torch_sdpa
+from attnpatch import masks
 from benchmarks import cases as C
 from benchmarks import overheads, timing
 
@@ -39,7 +39,7 @@ def switch(variant: str) -> None:
         attnpatch.apply()
     else:
         attnpatch.remove()
-    torch_sdpa.TRUST_SAFE_KERNELS = variant != GENERAL_PATH
+    masks.FORCE_GENERAL_PATH = variant == GENERAL_PATH
 
 
 def case_builders(device: str, quick: bool) -> Iterator[Callable[[], list[C.Case]]]:

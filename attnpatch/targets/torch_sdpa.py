@@ -30,7 +30,6 @@ from attnpatch.targets import get_arg, overrides_engaged, with_arg
 
 ATTN_MASK = 3  # positional index of attn_mask
 TORCH_SDPA = torch._C._nn.scaled_dot_product_attention  # the kernel entry point itself
-TRUST_SAFE_KERNELS = True  # False forces the sanitise-and-clear path (benchmarks, tests)
 _safe_cpu_dtypes: dict[torch.dtype, bool] = {}  # decided by _check_cpu_kernels() on first use
 
 
@@ -66,8 +65,7 @@ def _check_cpu_kernels(dtype: torch.dtype) -> bool:
 def _kernel_is_safe(sdpa: Callable[..., Tensor], query: Any) -> bool:
     """Whether this call is an eager call of torch's own CPU kernel, known safe."""
     if not (
-        TRUST_SAFE_KERNELS
-        and sdpa is TORCH_SDPA
+        sdpa is TORCH_SDPA
         and isinstance(query, Tensor)
         and masks.may_inspect_values(query)
         and not query.is_nested
@@ -87,18 +85,27 @@ def safe_sdpa(sdpa: Callable[..., Tensor], args: tuple, kwargs: dict) -> Any:
     if not isinstance(mask, Tensor) or not (mask.dtype == torch.bool or mask.is_floating_point()):
         return sdpa(*args, **kwargs)  # no mask, or one PyTorch will reject itself
     try:
-        if _kernel_is_safe(sdpa, get_arg(args, kwargs, 0, "query")):
+        query = get_arg(args, kwargs, 0, "query")
+        if _kernel_is_safe(sdpa, query):
             return sdpa(*args, **kwargs)
         key = get_arg(args, kwargs, 1, "key")
         if mask.shape[-1] == 0 or key.shape[-2] == 0:
             return sdpa(*args, **kwargs)  # no keys at all: PyTorch's own answer
-        rows, safe_mask = masks.rows_and_safe_mask(mask)
-        if safe_mask is None:
+        # Every SDPA kernel computes a query row from that row alone, so without a
+        # backward the NaN of a fully masked row stays there and is cleared below;
+        # only a backward (0 * NaN in the key/value gradients) needs the safe mask.
+        value = get_arg(args, kwargs, 2, "value")
+        backward = torch.is_grad_enabled() and any(
+            isinstance(t, Tensor) and t.requires_grad for t in (query, key, value, mask)
+        )
+        rows, kernel_mask = masks.rows_and_safe_mask(mask, admit=backward, keepdim=True)
+        if kernel_mask is None:
             return sdpa(*args, **kwargs)  # common case on CPU: nothing to fix
-        safe_args, safe_kwargs = with_arg(args, kwargs, ATTN_MASK, "attn_mask", safe_mask)
+        if kernel_mask is not mask:
+            args, kwargs = with_arg(args, kwargs, ATTN_MASK, "attn_mask", kernel_mask)
     except Exception:  # noqa: BLE001 - malformed input: let PyTorch raise its own error
         return sdpa(*args, **kwargs)
-    return masks.clear_result_rows(sdpa(*safe_args, **safe_kwargs), rows)
+    return masks.clear_result_rows(sdpa(*args, **kwargs), rows, keepdim=True)
 
 
 def _lower_right_bias_rows_cleared(out: Any, args: tuple, kwargs: dict) -> Any:

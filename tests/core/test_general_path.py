@@ -1,0 +1,138 @@
+"""The general path (CUDA's and torch.compile's: no value read on the host),
+forced on CPU with ``masks.FORCE_GENERAL_PATH``, is exact: with a NaN-producing
+kernel underneath, fully masked rows are 0 and every other row is bitwise the
+unpatched one, in forward and backward; and for every target it returns bitwise
+what the CPU path (checked against the contract by the other tests) returns."""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import attnpatch
+from attnpatch import masks
+
+from .helpers import causal_drop_mask, has_nan, left_padded_keep_mask, left_padding, naive_sdpa, to_float_mask
+
+B, H, L, D, E = 2, 2, 5, 8, 16
+LENGTHS = [3, 5]
+
+
+@pytest.fixture
+def general(monkeypatch):
+    monkeypatch.setattr(masks, "FORCE_GENERAL_PATH", True)
+
+
+def _qkv(grad, q_len=L):
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randn(B, H, n, D, generator=gen).requires_grad_(grad) for n in (q_len, L, L)]
+
+
+def _keep(shape):
+    """A keep mask of ``shape`` with fully masked rows."""
+    if shape == (L, L):
+        return torch.ones(L, L, dtype=torch.bool).tril(-1)  # row 0 admits no key
+    if shape == (B, 1, 1, L):  # one decode step: batch element 0 is all padding
+        return torch.stack([torch.arange(L) < 0, torch.arange(L) >= 2]).view(B, 1, 1, L)
+    keep = left_padded_keep_mask(LENGTHS, L)
+    if shape == (B, H, L, L):
+        keep = keep.expand(B, H, L, L).clone()
+        keep[1, 1, 3] = False  # a row masked in one head only
+    return keep
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no backward", "backward"])
+@pytest.mark.parametrize("float_mask", [False, True], ids=["bool", "float"])
+@pytest.mark.parametrize("shape", [(B, 1, L, L), (L, L), (B, H, L, L), (B, 1, 1, L)], ids=str)
+def test_sdpa_with_nan_kernel(monkeypatch, general, shape, float_mask, grad):
+    monkeypatch.setattr(F, "scaled_dot_product_attention", naive_sdpa)
+    keep = _keep(shape)
+    mask = to_float_mask(keep) if float_mask else keep
+    q, k, v = _qkv(grad, keep.shape[-2])
+    unpatched = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    rows = keep.logical_not().all(-1).expand(B, H, keep.shape[-2])
+    assert has_nan(unpatched), "the stand-in kernel shows the bug"
+    with attnpatch.patched("sdpa"):
+        patched = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert torch.equal(patched[rows], torch.zeros_like(patched[rows]))
+    assert torch.equal(patched[~rows], unpatched[~rows])
+    if grad:
+        patched.sum().backward()
+        assert not has_nan(q.grad, k.grad, v.grad)
+        assert torch.equal(q.grad[rows], torch.zeros_like(q.grad[rows]))
+
+
+def _both_paths(run):
+    """``run()`` patched on the CPU path and on the general path."""
+    with attnpatch.patched():
+        cpu = run()
+        masks.FORCE_GENERAL_PATH = True
+        try:
+            general = run()
+        finally:
+            masks.FORCE_GENERAL_PATH = False
+    return cpu, general
+
+
+def _assert_same(cpu, general):
+    cpu, general = torch.utils._pytree.tree_leaves(cpu), torch.utils._pytree.tree_leaves(general)
+    assert len(cpu) == len(general)
+    for a, b in zip(cpu, general):
+        if a is None:
+            assert b is None
+            continue
+        assert not has_nan(b)
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("need_weights", [True, False])
+@pytest.mark.parametrize("mode", ["train", "eval", "fast path"])
+@pytest.mark.parametrize("per_head", [False, True])
+def test_mha_general_path_equals_cpu_path(mode, need_weights, per_head):
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(E, H, batch_first=True).train(mode == "train")
+    x = torch.randn(B, L, E, requires_grad=mode != "fast path")
+    pad, causal = left_padding(LENGTHS, L), causal_drop_mask(L)
+    attn = causal.expand(B * H, L, L) if per_head else causal
+
+    def run():
+        with torch.set_grad_enabled(mode != "fast path"):
+            out, weights = mha(x, x, x, key_padding_mask=pad, attn_mask=attn, need_weights=need_weights)
+            if mode == "fast path":
+                return out, weights
+            return out, weights, torch.autograd.grad(out.sum(), [x, *mha.parameters()])
+
+    _assert_same(*_both_paths(run))
+
+
+def test_encoder_general_path_equals_cpu_path():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(E, H, 32, dropout=0.0, batch_first=True)
+    encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    x = torch.randn(B, L, E)
+    pad, causal = left_padding(LENGTHS, L), causal_drop_mask(L)
+
+    def run():
+        with torch.no_grad():
+            return encoder(x, mask=causal, src_key_padding_mask=pad)
+
+    _assert_same(*_both_paths(run))
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("train", [False, True])
+def test_tiny_models_general_path_equals_cpu_path(attn, train):
+    pytest.importorskip("transformers")
+    from tests.hf.helpers import left_padded, tiny_model
+
+    ids, mask = left_padded([[5, 6, 7, 8], [9, 10], [11]])
+    model = tiny_model("llama", attn)
+
+    def run():
+        with torch.set_grad_enabled(train):
+            logits = model(input_ids=ids, attention_mask=mask).logits
+            if not train:
+                return logits
+            return logits, torch.autograd.grad(logits.sum(), list(model.parameters()))
+
+    _assert_same(*_both_paths(run))

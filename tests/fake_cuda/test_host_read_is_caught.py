@@ -1,0 +1,73 @@
+"""The tier's check fails when a host read enters the hot path, or when the fix
+silently stops running: shown by planting each one deliberately."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from attnpatch import masks
+
+from .probe import assert_no_new_host_reads, fake_mode, general_path
+
+
+def _sdpa_call(device):
+    """A call with a mask built afresh each time (so no cached answer hides the path)."""
+    q = torch.randn(2, 2, 4, 8, device=device)
+    return lambda: F.scaled_dot_product_attention(
+        q, q, q, attn_mask=torch.ones(4, 4, dtype=torch.bool, device=device).tril(-1)
+    )
+
+
+def _plant_item(monkeypatch):
+    """``rows.any().item()`` in row detection, inside the wrapper's try: on fake
+    tensors it raises and the wrapper falls back, so only the record shows it."""
+    original = masks.fully_masked_rows
+
+    def with_host_read(mask, **kwargs):
+        rows = original(mask, **kwargs)
+        rows.any().item()
+        return rows
+
+    monkeypatch.setattr(masks, "fully_masked_rows", with_host_read)
+
+
+def _plant_boolean_index(monkeypatch):
+    """A boolean index (a hidden nonzero()) where the output is cleared."""
+
+    def clear(out, rows, fill=None, keepdim=False):
+        out[(rows[..., 0] if keepdim else rows).expand(out.shape[:-1])] = 0.0
+        return out
+
+    monkeypatch.setattr(masks, "clear_result_rows", clear)
+
+
+@pytest.mark.parametrize("plant", [_plant_item, _plant_boolean_index], ids=["item", "boolean-index"])
+@pytest.mark.parametrize("device", ["fake-cuda", "cpu-general-path"])
+def test_check_fails_on_a_host_read(monkeypatch, plant, device):
+    if device == "fake-cuda":
+        with fake_mode():
+            run = _sdpa_call("cuda")
+            assert_no_new_host_reads(run, "sdpa")  # clean before planting
+            plant(monkeypatch)
+            with pytest.raises((AssertionError, RuntimeError)) as failure:
+                assert_no_new_host_reads(run, "sdpa")
+    else:
+        run = _sdpa_call("cpu")
+        with general_path():
+            assert_no_new_host_reads(run, "sdpa")
+            plant(monkeypatch)
+            with pytest.raises(AssertionError) as failure:
+                assert_no_new_host_reads(run, "sdpa")
+    if failure.type is AssertionError:
+        assert "added host reads" in str(failure.value)
+
+
+def test_check_fails_when_the_fix_falls_back(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("e.g. an op the device does not support")
+
+    with fake_mode():
+        run = _sdpa_call("cuda")
+        monkeypatch.setattr(masks, "fully_masked_rows", broken)
+        with pytest.raises(AssertionError, match="did not run"):
+            assert_no_new_host_reads(run, "sdpa")
