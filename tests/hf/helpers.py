@@ -43,12 +43,13 @@ def right_padded(prompts: list[list[int]], pad: int = PAD) -> tuple[torch.Tensor
     return ids, mask
 
 
-def save_tiny_tokenizer(directory: str, padding_side: str = "right") -> str:
-    """A word-level tokenizer over WORDS, saved as a right-padding tokenizer (like
-    Qwen2's), to be loaded back with AutoTokenizer.from_pretrained."""
+def save_tiny_tokenizer(directory: str, padding_side: str = "right", words: list[str] = WORDS) -> str:
+    """A word-level tokenizer over ``words`` (the first four: pad, bos, eos, unk),
+    saved as a right-padding tokenizer (like Qwen2's), to be loaded back with
+    AutoTokenizer.from_pretrained."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    backend = Tokenizer(models.WordLevel({word: i for i, word in enumerate(WORDS)}, unk_token="<unk>"))
+    backend = Tokenizer(models.WordLevel({word: i for i, word in enumerate(words)}, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer = transformers.PreTrainedTokenizerFast(
         tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
