@@ -17,14 +17,22 @@ Targets are declared here by name only; a target's own module (which imports
 torch or transformers) is imported when the library it patches is imported, via
 wrapt's post-import hooks. So ``import attnpatch`` and ``attnpatch.apply()``
 import nothing heavy, and modules that load later (transformers imports model
-code lazily) are patched when they load.
+code lazily) are patched when they load. A target may also patch every module
+whose name matches a pattern (``PointFamily``): those are found as they are
+imported, by a finder on ``sys.meta_path`` (``_ImportWatcher``), so hundreds of
+model files need not be imported, or even listed, up front.
+
+Most targets are on by default (``apply()``, ``ATTNPATCH=1``); the ones in
+``OPT_IN`` change functions far outside attention and run only when named.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import functools
 import importlib
 import logging
+import re
 import sys
 import threading
 import warnings
@@ -49,12 +57,24 @@ TARGETS: dict[str, tuple[str, str]] = {
     "hf_attention": ("transformers", "attnpatch.targets.hf_attention"),
     "hf_generate": ("transformers", "attnpatch.targets.hf_generate"),
     "hf_tokenizer": ("transformers", "attnpatch.targets.hf_tokenizer"),
+    "softmax": ("torch", "attnpatch.targets.torch_softmax"),
 }
 
+# Targets that ``apply()`` / ``ATTNPATCH=1`` leave off: on only when named
+# (``apply(softmax=True)``, ``ATTNPATCH=1,softmax``).
+OPT_IN: set[str] = {"softmax"}
 
-def register_target(name: str, trigger: str, implementation: str) -> None:
-    """Declare a target; used by the built-in table above and by extensions."""
+
+def register_target(name: str, trigger: str, implementation: str, default: bool = True) -> None:
+    """Declare a target; used by the built-in table above and by extensions.
+    ``default=False`` makes it opt-in: on only when asked for by name."""
     TARGETS[name] = (trigger, implementation)
+    (OPT_IN.discard if default else OPT_IN.add)(name)
+
+
+def default_targets() -> frozenset[str]:
+    """What ``apply()`` and ``ATTNPATCH=1`` turn on."""
+    return frozenset(TARGETS) - OPT_IN
 
 
 @dataclass(eq=False)
@@ -241,6 +261,94 @@ class PlainFunctionPoint(PatchPoint):
             self.state, self.note = "displaced", "replaced by another library; left alone"
 
 
+@dataclass(eq=False)
+class PointFamily:
+    """The same patch in every module whose name matches ``pattern`` (shell-style,
+    ``*`` also matching dots: ``"transformers.models.*.modeling_*"``), for modules
+    that have ``path``. ``make(module_name)`` builds the point for one module; its
+    ``prepare`` decides whether that module's object has the expected shape, and
+    raises ``Skip`` (quietly: make such points optional) when it has not.
+
+    Modules are found as they are imported (``_ImportWatcher``) and among those
+    already imported when the target is installed; nothing is imported for it.
+    A module that already has a point of its own in the target is left to it."""
+
+    pattern: str
+    path: str
+    make: Callable[[str], PatchPoint]
+    points: dict[str, PatchPoint] = field(default_factory=dict)  # module name -> its point
+
+    def __post_init__(self) -> None:
+        self.prefix = self.pattern.split("*", 1)[0]
+        self.regex = re.compile(fnmatch.translate(self.pattern))
+
+    def matches(self, module_name: str) -> bool:
+        return module_name.startswith(self.prefix) and self.regex.match(module_name) is not None
+
+    def describe(self) -> str:
+        return f"{self.path} of {self.pattern}"
+
+
+class _ImportWatcher:
+    """A ``sys.meta_path`` finder that lets the import of a module matching a
+    watched pattern run as usual, then hands the fresh module to ``_on_import``
+    (wrapt's post-import hooks do this for exact names only). It finds nothing
+    itself: it asks the finders behind it and wraps the loader they return."""
+
+    def __init__(self) -> None:
+        self.families: list[PointFamily] = []
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+        if not any(family.matches(fullname) for family in self.families):
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                    spec.loader = _NotifyingLoader(spec.loader)
+                return spec
+        return None
+
+
+class _NotifyingLoader:
+    """A module's own loader, followed by ``_on_import``. The module itself is
+    handed its real loader back before it runs (``__loader__``, ``__spec__.loader``:
+    what ``inspect``, ``linecache`` and ``importlib.reload`` read)."""
+
+    def __init__(self, loader: Any) -> None:
+        self.loader = loader
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.loader, name)
+
+    def create_module(self, spec: Any) -> Any:
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module: Any) -> None:
+        if getattr(module, "__loader__", None) is self:
+            module.__loader__ = self.loader
+        spec = getattr(module, "__spec__", None)
+        if spec is not None and spec.loader is self:
+            spec.loader = self.loader
+        self.loader.exec_module(module)
+        _on_import(sys.modules.get(module.__name__, module))
+
+
+_watcher = _ImportWatcher()
+
+
+def _watch(family: PointFamily) -> None:
+    """Start watching imports for ``family`` (for the rest of the process: a
+    finder costs one prefix test per import, and removing it under another
+    thread's import would be a race)."""
+    if family not in _watcher.families:
+        _watcher.families.append(family)
+    if _watcher not in sys.meta_path:
+        sys.meta_path.insert(0, _watcher)
+
+
 def _current_only(point: PatchPoint, token: object, wrapper: Callable[..., Any]) -> Callable[..., Any]:
     """``wrapper``, acting only while this installation is the point's current one.
     A displaced wrapper still sits in another library's chain; when the point is
@@ -290,17 +398,27 @@ _switch: frozenset[str] = frozenset()  # targets held by apply()
 _installed: set[str] = set()
 _points: dict[str, list[PatchPoint]] = {}  # target name -> its points, once loaded
 _hooked: set[str] = set()  # module names with our post-import hook registered
+_families: dict[str, list[PointFamily]] = {}  # target name -> its families, once loaded
+_loading: set[str] = set()  # targets whose module is being imported right now
+
+
+_DEFAULT_WORDS = ("1", "all", "true", "True", "yes", "on")
 
 
 def resolve_targets(targets: str | Iterable[str] | None = None, **options: bool) -> frozenset[str]:
-    """Turn ``targets`` (None = all, a name, a comma list or an iterable) and
+    """Turn ``targets`` (None = the default set, a name, a comma list or an
+    iterable; ``"1"`` or ``"all"`` in it stands for the default set) and
     ``name=True/False`` options into a set of target names."""
-    if targets is None or targets in ("1", "all", "true", "True", "yes", "on"):
-        chosen = set(TARGETS)
-    else:
-        if isinstance(targets, str):
-            targets = [t for t in targets.replace(" ", "").split(",") if t]
-        chosen = set(targets)
+    if targets is None:
+        targets = ["1"]
+    elif isinstance(targets, str):
+        targets = [t for t in targets.replace(" ", "").split(",") if t]
+    chosen = set()
+    for name in targets:
+        if name in _DEFAULT_WORDS:
+            chosen |= default_targets()
+        else:
+            chosen.add(name)
     for name, on in options.items():
         if name not in TARGETS:
             raise TypeError(f"unknown attnpatch option {name!r}; targets are {sorted(TARGETS)}")
@@ -351,8 +469,24 @@ def _install_target(name: str, only_module: str | None = None) -> None:
         if trigger not in sys.modules:
             _hook(trigger)
             return
-        _points[name] = list(importlib.import_module(implementation).POINTS)
+        if name in _loading:
+            # Its module is being imported below us: it imports a library
+            # (torch, for transformers' targets) whose own import hook led
+            # here. The outer call installs everything once the module is done.
+            return
+        _loading.add(name)
+        try:
+            target = importlib.import_module(implementation)
+        finally:
+            _loading.discard(name)
+        _points[name] = list(target.POINTS)
+        _families[name] = list(getattr(target, "FAMILIES", ()))
         only_module = None
+    for family in _families[name]:
+        _watch(family)
+        for module_name in [only_module] if only_module else list(sys.modules):
+            if family.matches(module_name):
+                _discover(name, family, module_name)
     for point in _points[name]:
         if only_module is not None and point.module != only_module:
             continue
@@ -362,6 +496,21 @@ def _install_target(name: str, only_module: str | None = None) -> None:
             _hook(point.module)
         else:
             point.install(module)
+
+
+def _discover(name: str, family: PointFamily, module_name: str) -> None:
+    """Give ``module_name`` its point of ``family`` (installed by the caller),
+    if the module has ``family.path`` and the target no point there yet."""
+    if module_name in family.points:
+        return
+    if any(p.module == module_name and p.path == family.path for p in _points[name]):
+        return
+    try:
+        wrapt.resolve_path(sys.modules[module_name], family.path)
+    except Exception:  # noqa: BLE001 - the module has no such object: nothing to patch
+        return
+    point = family.points[module_name] = family.make(module_name)
+    _points[name].append(point)
 
 
 def _hook(module_name: str) -> None:
@@ -394,11 +543,22 @@ def status() -> dict[str, dict[str, Any]]:
             else:
                 states = {p.state for p in points}
                 state = "installed" if "installed" in states else "deferred" if "deferred" in states else "skipped"
+            found = {id(p): family for family in _families.get(name, ()) for p in family.points.values()}
             report[name] = {
                 "state": state,
                 "holders": _holders[name],
+                "default": name not in OPT_IN,
                 "points": [
-                    {"target": p.qualname, "state": p.state, "note": p.note} for p in points or ()
+                    {"target": p.qualname, "state": p.state, "note": p.note}
+                    | ({"found_by": found[id(p)].describe()} if id(p) in found else {})
+                    for p in points or ()
                 ],
             }
+            if _families.get(name):
+                report[name]["families"] = [_family_counts(family) for family in _families[name]]
         return report
+
+
+def _family_counts(family: PointFamily) -> dict[str, Any]:
+    states = Counter(point.state for point in family.points.values())
+    return {"family": family.describe(), "found": len(family.points), **dict(sorted(states.items()))}

@@ -7,6 +7,7 @@ import importlib
 import json
 import os
 import sys
+import textwrap
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -53,6 +54,15 @@ def _import_patched_modules() -> None:
                     pass
 
 
+# What a family's counts are called in the table, by point state.
+FAMILY_WORDS = {"installed": "patched", "skipped": "skipped"}
+
+
+def _print_point(point: dict) -> None:
+    note = point["note"] or ("module not imported yet" if point["state"] == "deferred" else "")
+    print(f"      {point['state']:10s} {point['target']}" + (f"  ({note})" if note else ""))
+
+
 def _status(args: argparse.Namespace) -> int:
     import attnpatch
 
@@ -69,11 +79,25 @@ def _status(args: argparse.Namespace) -> int:
     seen = set()
     for name, entry in report.items():
         seen.add(entry["state"].split()[0])
-        print(f"  {name:14s} {entry['state']}")
+        opt_in = "" if entry.get("default", True) else "  (opt-in: not part of ATTNPATCH=1; turn on by name)"
+        print(f"  {name:14s} {entry['state']}{opt_in}")
         for point in entry["points"]:
+            if "found_by" in point:
+                continue
             seen.add(point["state"])
-            note = point["note"] or ("module not imported yet" if point["state"] == "deferred" else "")
-            print(f"      {point['state']:10s} {point['target']}" + (f"  ({note})" if note else ""))
+            _print_point(point)
+        for family in entry.get("families", ()):
+            found = [p for p in entry["points"] if p.get("found_by") == family["family"]]
+            counts = ", ".join(f"{family.get(state, 0)} {word}" for state, word in FAMILY_WORDS.items())
+            print(f"      {family['family']}: {family['found']} found on import, {counts}")
+            installed = [p["target"].split(".")[-3] for p in found if p["state"] == "installed"]
+            if installed:
+                seen.add("installed")
+                print(textwrap.fill("patched: " + ", ".join(installed), 88, initial_indent=" " * 8, subsequent_indent=" " * 10))
+            for point in found:
+                if point["state"] != "installed":
+                    seen.add(point["state"])
+                    _print_point(point)
     print()
     for state, meaning in STATE_MEANINGS.items():
         if state in seen:

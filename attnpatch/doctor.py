@@ -245,6 +245,172 @@ def _hf_skip_reason(target: str) -> str:
     return "" if getattr(module, "POINTS", None) else "target not available"
 
 
+# --- the user's own model (--model) ---------------------------------------------
+
+# Two prompts of very different lengths, so that the short one is padded a lot.
+PROMPTS = ["The quick brown fox jumps over the lazy dog, and then it", "Hello"]
+IMPLEMENTATIONS = ("eager", "sdpa", "flex_attention")
+
+
+class DoctorError(Exception):
+    """A model that cannot be loaded: reported in one line, exit code 2."""
+
+
+@dataclass
+class UserModel:
+    """What ``--model`` loaded: the tokenizer now, each implementation on first use."""
+
+    source: str
+    trust_remote_code: bool
+    device: str
+    tokenizer: Any
+    architecture: str
+    padding_side: str  # the tokenizer's own
+    notes: list[str]
+    models: dict[str, Any] = field(default_factory=dict)
+
+    def model(self, implementation: str) -> Any:
+        if implementation not in self.models:
+            import transformers
+            from transformers.utils import logging as hf_logging
+
+            bar = hf_logging.is_progress_bar_enabled()
+            hf_logging.disable_progress_bar()  # the table reports progress
+            try:
+                model = transformers.AutoModelForCausalLM.from_pretrained(
+                    self.source, attn_implementation=implementation, trust_remote_code=self.trust_remote_code
+                )
+            finally:
+                if bar:
+                    hf_logging.enable_progress_bar()
+            self.models[implementation] = model.to(self.device).eval()
+        return self.models[implementation]
+
+
+def load_user_model(source: str, trust_remote_code: bool, device: str) -> UserModel:
+    """The tokenizer and config of ``source`` (a local directory or a hub id),
+    checked; a ``DoctorError`` saying what is wrong otherwise. Code shipped with a
+    checkpoint runs only with ``trust_remote_code``."""
+    import os
+
+    try:
+        import transformers
+    except ImportError as exc:
+        raise DoctorError("--model needs transformers (pip install 'attnpatch[hf]')") from exc
+    if os.path.exists(source):
+        if not os.path.isdir(source):
+            raise DoctorError(f"{source} is a file; give the directory a model was saved to (with config.json)")
+        if not os.path.isfile(os.path.join(source, "config.json")):
+            raise DoctorError(f"{source} is not a saved model: it has no config.json")
+    elif os.sep in source.rstrip(os.sep).lstrip(".") or source.startswith((".", "~")):
+        raise DoctorError(f"{source}: no such directory")
+    try:
+        config = transformers.AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except Exception as exc:  # noqa: BLE001 - every way a load fails is one line for the user
+        text = str(exc)
+        if "trust_remote_code" in text and not trust_remote_code:
+            raise DoctorError(
+                f"{source} needs code that ships with the checkpoint; attnpatch doctor does not run it "
+                "unless you pass --trust-remote-code (read that code first)"
+            ) from exc
+        where = "" if os.path.exists(source) else " (not a local directory; as a hub id it needs network access)"
+        raise DoctorError(f"could not load {source}{where}: {_short(exc)}") from exc
+    notes = []
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise DoctorError(f"the tokenizer of {source} has neither a pad nor an eos token to pad a batch with")
+        tokenizer.pad_token = tokenizer.eos_token
+        notes.append("the tokenizer has no pad token; padded with its eos token, as is usual")
+    architecture = (config.architectures or [type(config).__name__])[0]
+    return UserModel(source, trust_remote_code, device, tokenizer, architecture, tokenizer.padding_side, notes)
+
+
+def _batch(user: UserModel, padding_side: str) -> Any:
+    tokenizer, saved = user.tokenizer, user.tokenizer.padding_side
+    tokenizer.padding_side = padding_side
+    try:
+        batch = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    finally:
+        tokenizer.padding_side = saved
+    return {key: value.to(user.device) for key, value in batch.items() if key in ("input_ids", "attention_mask")}
+
+
+def _attention_outputs(model: Any) -> tuple[list[Any], list[Any]]:
+    """Forward pre-hooks that record what each attention module hands to its output
+    projection (its last child with a 2-D weight: ``o_proj``, ``dense``, ``c_proj``)."""
+    seen: list[Any] = []
+    hooks = []
+    for module in model.modules():
+        if not type(module).__name__.endswith("Attention"):
+            continue
+        projections = [m for m in module.children() if getattr(getattr(m, "weight", None), "ndim", 0) == 2]
+        if projections:
+            hooks.append(projections[-1].register_forward_pre_hook(lambda _, args: seen.append(args[0])))
+    return seen, hooks
+
+
+def _user_forward_case(user: UserModel, implementation: str) -> Callable[[], Check]:
+    def run() -> Check:
+        import torch
+
+        model = user.model(implementation)
+        batch = _batch(user, "left")
+        pads = batch["attention_mask"] == 0
+        seen, hooks = _attention_outputs(model)
+        try:
+            with torch.no_grad():
+                logits = model(**batch).logits
+        finally:
+            for hook in hooks:
+                hook.remove()
+        outputs = [a for a in seen if a.shape[:2] == pads.shape]
+        problem = ""
+        if any(bool((a[pads] != 0).any()) for a in outputs):
+            problem = "pad rows attend to pad keys instead of giving 0"
+        return Check(_has_nan(logits[~pads], *(a[~pads] for a in outputs)), problem, [logits[~pads]])
+
+    return run
+
+
+def _user_generate_case(user: UserModel, implementation: str) -> Callable[[], Check]:
+    def run() -> Check:
+        import torch
+
+        model = user.model(implementation)
+        batch = _batch(user, "right")
+        settings = dict(max_new_tokens=4, do_sample=False, pad_token_id=user.tokenizer.pad_token_id)
+        width = batch["input_ids"].shape[1]
+        with torch.no_grad():
+            together = model.generate(**batch, **settings)[:, width:]
+            alone = []
+            for row in range(len(PROMPTS)):
+                length = int(batch["attention_mask"][row].sum())
+                ids = batch["input_ids"][row : row + 1, :length]
+                alone.append(model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **settings)[0, length:])
+        wrong = [row for row, expected in enumerate(alone) if not torch.equal(together[row], expected)]
+        problem = f"row(s) {wrong} decode differently than alone" if wrong else ""
+        return Check(False, problem, [])
+
+    return run
+
+
+def build_model_cases(user: UserModel) -> list[Case]:
+    cases = []
+    for implementation in IMPLEMENTATIONS:
+        where = f"{user.device}/{implementation}"
+        try:
+            with _quiet():
+                user.model(implementation)
+        except Exception as exc:  # noqa: BLE001 - e.g. "does not support an attention implementation through ..."
+            for name in ("left-padded forward", "right-padded generate"):
+                cases.append(Case(f"{user.architecture} {name}", where, skip=f"not supported: {_short(exc)}"))
+            continue
+        cases.append(Case(f"{user.architecture} left-padded forward", where, _user_forward_case(user, implementation)))
+        cases.append(Case(f"{user.architecture} right-padded generate", where, _user_generate_case(user, implementation)))
+    return cases
+
+
 # --- running --------------------------------------------------------------------
 
 
@@ -372,7 +538,13 @@ def _table(rows: list[dict[str, str]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="attnpatch doctor", description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    parser.add_argument("--model", metavar="DIR", help="check your own model instead: a saved model directory "
+                        "(config, weights, tokenizer) or, online, a hub id")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="with --model: allow running code that ships with the checkpoint")
     args = parser.parse_args(argv)
+    if args.trust_remote_code and not args.model:
+        parser.error("--trust-remote-code goes with --model")
 
     started = time.perf_counter()
     if any(entry["holders"] for entry in attnpatch.status().values()):
@@ -384,9 +556,20 @@ def main(argv: list[str] | None = None) -> int:
 
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     info = versions()
+    if args.model:
+        try:
+            with _quiet():
+                user = load_user_model(args.model, args.trust_remote_code, devices[-1])
+                cases = build_model_cases(user)
+        except DoctorError as exc:
+            print(f"attnpatch doctor: {exc}", file=sys.stderr)
+            return 2
+        info["model"] = f"{args.model} ({user.architecture})"
+        info["tokenizer"] = f"pads on the {user.padding_side}" + "".join(f"; {note}" for note in user.notes)
     if not args.json:
         print("\n".join(f"{name:13s} {value}" for name, value in info.items()) + "\n", flush=True)
-    cases = build_cases(devices)
+    if not args.model:
+        cases = build_cases(devices)
     rows = []
     for number, case in enumerate(cases, 1):
         print(f"[{number}/{len(cases)}] {case.name} ({case.where}) ...", end=" ", file=sys.stderr, flush=True)

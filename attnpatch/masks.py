@@ -235,9 +235,28 @@ def safe_softmax(input: Tensor, dim: int | None = None, _stacklevel: int = 3, dt
     if dim is None:
         return F.softmax(input, dim, _stacklevel, dtype)
     if may_inspect_values(input) and dim in (-1, input.dim() - 1) and input.numel() > 0:
-        return _ZeroRowsSoftmax.apply(input, dtype)
+        if input.requires_grad and torch.is_grad_enabled():
+            return _ZeroRowsSoftmax.apply(input, dtype)
+        return _zero_all_masked_rows(_softmax(input, -1, dtype=dtype), input)
     # The aten op (not torch._safe_softmax) so that dynamo can trace it.
     return torch.ops.aten._safe_softmax.default(input, dim, dtype)
+
+
+# torch.softmax itself, which the opt-in ``softmax`` target replaces by a
+# function that calls back in here.
+_softmax = torch._C._VariableFunctions.softmax
+
+
+def _zero_all_masked_rows(out: Tensor, input: Tensor) -> Tensor:
+    """Set to 0, in place, the rows of the softmax ``out`` whose ``input`` row is
+    all ``-inf`` (their weights came out NaN). Only rows whose first weight is
+    NaN are looked at: NaN from NaN or ``+inf`` scores stays, as in softmax."""
+    nan_rows = out[..., 0].isnan()
+    if nan_rows.any():
+        index = nan_rows.nonzero(as_tuple=True)
+        all_masked = input[index].amax(-1) == NEG_INF
+        out[tuple(i[all_masked] for i in index)] = 0
+    return out
 
 
 class _ZeroRowsSoftmax(torch.autograd.Function):
@@ -252,12 +271,7 @@ class _ZeroRowsSoftmax(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, input: Tensor, dtype: Any) -> Tensor:
-        out = torch.softmax(input, -1, dtype=dtype)
-        nan_rows = out[..., 0].isnan()
-        if nan_rows.any():
-            index = nan_rows.nonzero(as_tuple=True)
-            all_masked = input[index].amax(-1) == NEG_INF
-            out[tuple(i[all_masked] for i in index)] = 0
+        out = _zero_all_masked_rows(_softmax(input, -1, dtype=dtype), input)
         ctx.save_for_backward(out)
         ctx.input_dtype = input.dtype
         return out

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 BASELINE = "unpatched"
 TORCH_TARGETS_ONLY = "patched, torch targets only"  # sdpa, mha, transformer: no hf_* targets
+SOFTMAX_ON = "patched, softmax target on"  # the opt-in target alone (default targets do not touch softmax)
 
 
 @dataclass
@@ -207,6 +208,60 @@ def transformer_case(device: str, batch: int = 8, seq_len: int = 256, d_model: i
     return Case("transformer", "TransformerEncoder 6 layers inference, causal+padding",
                 f"B={batch} L={seq_len} d={d_model}", "float32",
                 {BASELINE: run, "patched": run}, targets={"patched": 1.05}, memory=True)
+
+
+# ---------------------------------------------------------------- 3b. the opt-in softmax target
+
+def softmax_cases(device: str, quick: bool) -> list[Case]:
+    """What the opt-in ``softmax`` target costs softmax-heavy code, mostly code
+    with no fully masked row at all (where it can only cost)."""
+    gen = torch.Generator().manual_seed(0)
+    randn = lambda *shape: torch.randn(*shape, generator=gen).to(device)  # noqa: E731
+    batch, features, classes = (16, 64, 100) if quick else (256, 512, 1000)
+    logits = randn(batch, classes)
+    head = nn.Linear(features, classes).to(device)
+    x, target = randn(batch, features), torch.randint(0, classes, (batch,), generator=gen).to(device)
+
+    def classifier_inference() -> object:
+        with torch.no_grad():
+            return F.softmax(logits, dim=-1)
+
+    def classifier_training_step() -> object:
+        head.zero_grad(set_to_none=True)
+        probs = head(x).softmax(-1)
+        loss = -probs[torch.arange(batch, device=device), target].log().mean()
+        loss.backward()
+        return loss
+
+    small = [randn(32, 64) for _ in range(100)]
+
+    def softmax_loop() -> object:
+        with torch.no_grad():
+            return [torch.softmax(t, -1) for t in small]
+
+    b, h, length, d = (2, 2, 32, 16) if quick else (8, 8, 128, 64)
+    q, k, v = randn(b, h, length, d), randn(b, h, length, d), randn(b, h, length, d)
+    left, right = ~keep_mask(b, length).to(device), ~keep_mask(b, length, left=False).to(device)
+
+    def attention(drop: torch.Tensor) -> Callable[[], object]:
+        def run() -> object:
+            with torch.no_grad():
+                scores = (q @ k.transpose(-2, -1)) * d**-0.5
+                return scores.masked_fill(drop, float("-inf")).softmax(-1) @ v
+        return run
+
+    def case(name: str, shape: str, fn: Callable[[], object], note: str = "") -> Case:
+        return Case("softmax", name, shape, "float32", {BASELINE: fn, SOFTMAX_ON: fn}, note=note)
+
+    return [
+        case("classifier head, F.softmax (no_grad)", f"{batch}x{classes}", classifier_inference),
+        case("classifier head, Linear + Tensor.softmax + NLL, forward and backward",
+             f"{batch}x{features}->{classes}", classifier_training_step),
+        case("plain loop of 100 torch.softmax calls (no_grad)", "100 x 32x64", softmax_loop),
+        case("hand-written attention, right-padded (no fully masked row)", f"{b}x{h}x{length}x{d}", attention(right)),
+        case("hand-written attention, left-padded (fully masked rows fixed)", f"{b}x{h}x{length}x{d}", attention(left),
+             note="unpatched gives NaN rows here; patched gives 0"),
+    ]
 
 
 # ---------------------------------------------------------------- 4. transformers models

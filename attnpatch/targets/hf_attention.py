@@ -11,10 +11,13 @@ an attention *function*, looked up at call time:
   pad) is given every key, so any kernel computes something finite there, and its
   output row is then set to exactly 0. Flex with a ``BlockMask`` (what
   transformers builds for it) already gives 0 there and passes through.
-* ``eager``: the module-level ``eager_attention_forward`` of each model file
-  (``modeling_llama``, ``modeling_qwen2``, and a few more listed in ``EAGER_MODELS``).
-  We call a copy of the model's *own* function whose ``nn.functional.softmax``
-  is ``aten._safe_softmax`` (0 for a row of ``-inf``), with the fully masked rows
+* ``eager``: the module-level ``eager_attention_forward`` of every model file
+  (``transformers.models.*.modeling_*``), found as transformers imports it
+  (``PointFamily``), among them Llama's and Qwen2's. Those of Llama's shape
+  (``_not_llama_shaped``: about 340 of 356 in 5.24) are patched; the rest are
+  skipped quietly, and ``attnpatch status`` says why. We call a copy of the
+  model's *own* function whose ``nn.functional.softmax`` is
+  ``aten._safe_softmax`` (0 for a row of ``-inf``), with the fully masked rows
   of the mask set to ``-inf``. So the returned weights are the very tensor the
   output was computed from (tests call ``retain_grad()`` on them), padded rows
   have weights 0 and output 0, and every other row is bitwise unchanged.
@@ -34,6 +37,7 @@ above find them.
 
 from __future__ import annotations
 
+import dis
 import types
 from typing import Any, Callable
 
@@ -42,7 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attnpatch import masks
-from attnpatch._patching import PatchPoint, PlainFunctionPoint, Skip
+from attnpatch._patching import PatchPoint, PlainFunctionPoint, PointFamily, Skip
 from attnpatch.targets import copy_with_globals, get_arg, subclass_arguments, torch_sdpa, with_arg
 
 MASK = 4  # attention_mask: (module, query, key, value, attention_mask, ...)
@@ -106,16 +110,43 @@ SAFE_NN = _namespace_copy(
 )
 
 
-def _eager_point(model: str, optional: bool = True) -> PlainFunctionPoint:
-    point = PlainFunctionPoint(f"transformers.models.{model}.modeling_{model}", "eager_attention_forward", optional=optional)
+def _eager_point(module_name: str, optional: bool = True) -> PlainFunctionPoint:
+    point = PlainFunctionPoint(module_name, "eager_attention_forward", optional=optional)
 
     def prepare(original: Any) -> Callable[..., Any]:
         if type(original) is not types.FunctionType or original.__globals__.get("nn") is not torch.nn:
             raise Skip(f"{point.qualname} is not transformers' plain function; attnpatch leaves it alone")
+        why = _not_llama_shaped(original)
+        if why:
+            raise Skip(f"{point.qualname} {why}; attnpatch leaves it alone")
         return _eager_wrapper(copy_with_globals(original, nn=SAFE_NN))
 
     point.prepare = prepare
     return point
+
+
+LLAMA_ARGUMENTS = ("module", "query", "key", "value", "attention_mask")
+
+
+def _not_llama_shaped(function: types.FunctionType) -> str:
+    """Why ``function`` is not an eager attention function of Llama's shape, or "".
+
+    Llama's shape: ``(module, query, key, value, attention_mask, ...)``, and every
+    softmax it computes is ``nn.functional.softmax`` (the name the copy rebinds).
+    A softmax reached any other way (``F.softmax``, ``torch.softmax``, a method)
+    would stay unsafe in the copy and turn the rows we set to ``-inf`` into NaN."""
+    code = function.__code__
+    if code.co_varnames[: min(code.co_argcount, 5)] != LLAMA_ARGUMENTS:
+        return f"takes {code.co_varnames[:code.co_argcount]}, not {LLAMA_ARGUMENTS + ('...',)}"
+    if any(isinstance(const, types.CodeType) for const in code.co_consts):
+        return "defines nested functions"
+    names = [i.argval for i in dis.get_instructions(code) if i.opname in ("LOAD_GLOBAL", "LOAD_ATTR", "LOAD_METHOD")]
+    softmaxes = [i for i, name in enumerate(names) if name == "softmax"]
+    if not softmaxes:
+        return "calls no softmax"
+    if any(names[i - 2 : i] != ["nn", "functional"] for i in softmaxes):
+        return "computes a softmax other than nn.functional.softmax"
+    return ""
 
 
 def _eager_wrapper(safe_copy: Callable[..., Any]) -> Callable[..., Any]:
@@ -137,15 +168,16 @@ def _eager_wrapper(safe_copy: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-# Model files whose eager_attention_forward has the Llama shape (scores + mask,
-# nn.functional.softmax, dropout, @ values). Llama and Qwen2 must be there; the
-# others are skipped quietly where a version lacks them.
-EAGER_MODELS = ["mistral", "qwen3", "gemma", "phi3", "olmo2", "granite"]
+# Every model file's eager_attention_forward, found as transformers imports it.
+# Llama's and Qwen2's are listed up front: `attnpatch status` shows them before
+# they load, and a version in which they stop fitting warns.
+EAGER_MODULES = "transformers.models.*.modeling_*"
+EAGER = PointFamily(EAGER_MODULES, "eager_attention_forward", _eager_point)
 
 POINTS: list[PatchPoint] = [
     _entry("sdpa"),
     _entry("flex_attention"),
-    _eager_point("llama", optional=False),
-    _eager_point("qwen2", optional=False),
-    *(_eager_point(model) for model in EAGER_MODELS),
+    _eager_point("transformers.models.llama.modeling_llama", optional=False),
+    _eager_point("transformers.models.qwen2.modeling_qwen2", optional=False),
 ]
+FAMILIES = [EAGER]
