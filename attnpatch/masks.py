@@ -212,8 +212,28 @@ def safe_softmax(input: Tensor, dim: int | None = None, _stacklevel: int = 3, dt
         return F.softmax(input, dim, _stacklevel, dtype)
     if may_inspect_values(input) and dim in (-1, input.dim() - 1) and input.numel() > 0:
         return _ZeroRowsSoftmax.apply(input, dtype)
+    return _traceable_safe_softmax(input, dim, dtype)
+
+
+def composite_safe_softmax(input: Tensor, dim: int, dtype: Any = None) -> Tensor:
+    """``aten._safe_softmax`` from plain ops, for a torch that lacks the op: an all
+    ``-inf`` row is turned into a row of zeros before the softmax (so its
+    backward is finite) and its output set to 0 after it (so its gradient is
+    exactly zero); every other row goes through softmax untouched."""
+    all_masked = (input == NEG_INF).all(dim, keepdim=True)
+    return torch.softmax(input.masked_fill(all_masked, 0), dim, dtype=dtype).masked_fill(all_masked, 0)
+
+
+def _aten_safe_softmax(input: Tensor, dim: int, dtype: Any = None) -> Tensor:
     # The aten op (not torch._safe_softmax) so that dynamo can trace it.
     return torch.ops.aten._safe_softmax.default(input, dim, dtype)
+
+
+# What the CUDA and torch.compile paths use: torch's own op where this torch has
+# it, the composite otherwise (a capability check, not a version check).
+_traceable_safe_softmax: Callable[..., Tensor] = (
+    _aten_safe_softmax if hasattr(torch.ops.aten, "_safe_softmax") else composite_safe_softmax
+)
 
 
 class _ZeroRowsSoftmax(torch.autograd.Function):

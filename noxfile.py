@@ -1,0 +1,96 @@
+"""The version matrix: the whole test suite on every supported torch minor
+release, each with transformers 4.57 (the last 4.x) and the newest 5.x.
+
+    nox -s tests                                        # every entry, in sequence
+    nox -s "tests(torch='2.15', transformers='5.24')"   # one entry
+    nox -s wrapt_floor                                  # the oldest wrapt we support
+    nox -l                                              # the entries
+
+(or `make matrix`, `make matrix TORCH=2.15 TRANSFORMERS=5.24`). Each entry
+builds its environment with uv from the package index, runs pytest, and stores
+pass/fail/skip per test file in benchmarks/results/versions.json and .md (and
+the README's table). ATTNPATCH_MATRIX_DROP_ENVS=1 deletes each environment
+after its run (about 5 GB each); uv's cache keeps the downloads.
+
+torch comes from the package index as published there (on Linux, CUDA builds;
+they run on a machine without a GPU, and the GPU tests then skip).
+"""
+
+import os
+import shutil
+import sys
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import nox
+
+nox.options.default_venv_backend = "uv"
+nox.options.sessions = ["tests"]
+
+# The matrix itself lives beside its results table, where the tests read it too.
+sys.path.insert(0, str(Path(__file__).parent))
+from benchmarks.versions import TORCH, TRANSFORMERS, TRANSFORMERS_MIN_TORCH, WRAPT_FLOOR  # noqa: E402
+
+
+def _release(version):
+    return tuple(int(part) for part in version.split("."))
+
+
+def entries():
+    """Every (torch, transformers) pair, or those that ATTNPATCH_MATRIX_TORCH /
+    ATTNPATCH_MATRIX_TRANSFORMERS pick (what `make matrix TORCH=... TRANSFORMERS=...` sets)."""
+    only_torch = os.environ.get("ATTNPATCH_MATRIX_TORCH") or None
+    only_tf = os.environ.get("ATTNPATCH_MATRIX_TRANSFORMERS") or None
+    return [
+        (torch, tf)
+        for torch in TORCH
+        for tf in TRANSFORMERS
+        if _release(torch) >= _release(TRANSFORMERS_MIN_TORCH.get(tf, "0"))
+        and only_torch in (None, torch)
+        and only_tf in (None, tf)
+    ]
+
+
+def _run_suite(session, entry, *pins):
+    session.install(*pins, "-e", ".[hf,test]")
+    junit = Path(session.create_tmp()) / "junit.xml"
+    started = time.monotonic()
+    # xunit1 reports name each test's file; exit code 1 (failures) is recorded
+    # first and reported after.
+    session.run(
+        "python", "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "junit_family=xunit1",
+        f"--junitxml={junit}", *session.posargs, success_codes=[0, 1],
+    )
+    if session.posargs or os.environ.get("ATTNPATCH_MATRIX_RECORD") == "0":
+        session.log("not recorded in the results table (pytest arguments given, or ATTNPATCH_MATRIX_RECORD=0)")
+    else:
+        session.run("python", "-m", "benchmarks.versions", "record", entry, str(junit),
+                    str(time.monotonic() - started))
+    if os.environ.get("ATTNPATCH_MATRIX_DROP_ENVS") == "1":
+        shutil.rmtree(session.virtualenv.location, ignore_errors=True)
+    root = ET.parse(junit).getroot()
+    suite = root if root.tag == "testsuite" else root.find("testsuite")
+    if int(suite.get("failures")) or int(suite.get("errors")):
+        session.error(f"{entry}: tests failed")
+
+
+@nox.session
+@nox.parametrize(["torch", "transformers"], entries())
+def tests(session, torch, transformers):
+    """The whole suite on one torch and one transformers release."""
+    _run_suite(
+        session, f"torch {torch} / transformers {transformers}",
+        f"torch=={TORCH[torch]}", f"transformers=={TRANSFORMERS[transformers]}",
+    )
+
+
+@nox.session
+def wrapt_floor(session):
+    """The whole suite with the oldest wrapt pyproject.toml allows."""
+    newest = list(TORCH)[-1]
+    tf = list(TRANSFORMERS)[-1]
+    _run_suite(
+        session, f"torch {newest} / transformers {tf} / wrapt {WRAPT_FLOOR}",
+        f"torch=={TORCH[newest]}", f"transformers=={TRANSFORMERS[tf]}", f"wrapt=={WRAPT_FLOOR}",
+    )
