@@ -76,11 +76,12 @@ def _test_file(case: ET.Element) -> str:
     return str(Path(*parts).with_suffix(".py")) if parts else module or "(unknown)"
 
 
-def per_file_outcomes(junit_xml: Path) -> tuple[dict[str, dict[str, int]], list[str]]:
-    """Counts of passed/failed/skipped/error per test file, and the ids of the
-    tests that failed or errored."""
+def per_file_outcomes(junit_xml: Path) -> tuple[dict[str, dict[str, int]], list[str], dict[str, int]]:
+    """Counts of passed/failed/skipped/error per test file, the ids of the tests
+    that failed or errored, and how many tests skipped for each reason."""
     files: dict[str, dict[str, int]] = {}
     broken: list[str] = []
+    skips: dict[str, int] = {}
     for case in ET.parse(junit_xml).getroot().iter("testcase"):
         name = _test_file(case)
         counts = files.setdefault(name, dict.fromkeys(OUTCOMES, 0))
@@ -91,12 +92,14 @@ def per_file_outcomes(junit_xml: Path) -> tuple[dict[str, dict[str, int]], list[
             outcome = "failed"
         elif "skipped" in tags:
             outcome = "skipped"
+            reason = case.find("skipped").get("message", "").removeprefix("Skipped: ")
+            skips[reason] = skips.get(reason, 0) + 1
         else:
             outcome = "passed"
         counts[outcome] += 1
         if outcome in ("failed", "error"):
             broken.append(f"{name}::{case.get('name')}")
-    return dict(sorted(files.items())), broken
+    return dict(sorted(files.items())), broken, dict(sorted(skips.items()))
 
 
 def load() -> dict:
@@ -106,7 +109,7 @@ def load() -> dict:
 
 
 def record(entry: str, junit_xml: Path, seconds: float | None = None) -> dict:
-    files, broken = per_file_outcomes(junit_xml)
+    files, broken, skips = per_file_outcomes(junit_xml)
     totals = {outcome: sum(counts[outcome] for counts in files.values()) for outcome in OUTCOMES}
     result = {
         "versions": installed_versions(),
@@ -115,6 +118,7 @@ def record(entry: str, junit_xml: Path, seconds: float | None = None) -> dict:
         "totals": totals,
         "green": totals["failed"] == 0 and totals["error"] == 0 and totals["passed"] > 0,
         "broken": broken,
+        "skip_reasons": skips,
         "files": files,
     }
     if seconds is not None:
@@ -231,6 +235,8 @@ def markdown(data: dict) -> str:
         ]
         if result["broken"]:
             lines += ["Failed:", ""] + [f"- `{test}`" for test in result["broken"]] + [""]
+        if result.get("skip_reasons"):
+            lines += ["Skipped:", ""] + [f"- {count} x {reason}" for reason, count in result["skip_reasons"].items()] + [""]
         lines += ["| test file | passed | failed | skipped | errors |", "|---|---:|---:|---:|---:|"]
         for test_file, counts in result["files"].items():
             lines.append(f"| {test_file} | " + " | ".join(str(counts[o]) for o in OUTCOMES) + " |")
