@@ -56,10 +56,11 @@ test-edges: $(VENV_NOX)/.ready
 	UV_CACHE_DIR=$(EDGE_CACHE)/uv ATTNPATCH_MATRIX_RECORD=0 $(VENV_NOX)/bin/python -m nox \
 		--envdir $(EDGE_CACHE)/nox --reuse-venv=yes -s $(EDGE_ENTRIES) -- $(PYTEST_ARGS)
 
-# Every entry in sequence (hours on 2 cores); each one's environment is deleted
-# after its run, uv's cache keeps the downloads.
+# Every entry in sequence (hours on 2 cores); each one's environment and uv
+# cache are deleted after its run, so the disk holds one entry at a time.
 matrix: $(VENV_NOX)/.ready
-	ATTNPATCH_MATRIX_TORCH=$(TORCH) ATTNPATCH_MATRIX_TRANSFORMERS=$(TRANSFORMERS) ATTNPATCH_MATRIX_DROP_ENVS=1 \
+	ATTNPATCH_MATRIX_TORCH=$(TORCH) ATTNPATCH_MATRIX_TRANSFORMERS=$(TRANSFORMERS) \
+		ATTNPATCH_MATRIX_DROP_ENVS=1 UV_CACHE_DIR=$(CURDIR)/.nox/uv-cache \
 		$(VENV_NOX)/bin/python -m nox -s tests
 
 bench: $(VENV)/.ready

@@ -10,7 +10,8 @@ release, each with transformers 4.57 (the last 4.x) and the newest 5.x.
 builds its environment with uv from the package index, runs pytest, and stores
 pass/fail/skip per test file in benchmarks/results/versions.json and .md (and
 the README's table). ATTNPATCH_MATRIX_DROP_ENVS=1 deletes each environment
-after its run (about 5 GB each); uv's cache keeps the downloads.
+after its run (about 5 GB each), and uv's cache when it lies in .nox/ (as
+`make matrix` puts it; each entry then downloads its torch again, ~3 GB).
 
 torch comes from the package index as published there (on Linux, CUDA builds;
 they run on a machine without a GPU, and the GPU tests then skip).
@@ -69,6 +70,11 @@ def _run_suite(session, entry, *pins):
                     str(time.monotonic() - started))
     if os.environ.get("ATTNPATCH_MATRIX_DROP_ENVS") == "1":
         shutil.rmtree(session.virtualenv.location, ignore_errors=True)
+        # uv's cache holds every entry's torch unpacked (about 5 GB each): drop
+        # it too, but only a cache of our own (`make matrix` puts it in .nox/).
+        cache = Path(os.environ.get("UV_CACHE_DIR", "")).resolve()
+        if Path(".nox").resolve() in cache.parents:
+            shutil.rmtree(cache, ignore_errors=True)
     root = ET.parse(junit).getroot()
     suite = root if root.tag == "testsuite" else root.find("testsuite")
     if int(suite.get("failures")) or int(suite.get("errors")):
