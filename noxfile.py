@@ -31,26 +31,17 @@ nox.options.sessions = ["tests"]
 
 # The matrix itself lives beside its results table, where the tests read it too.
 sys.path.insert(0, str(Path(__file__).parent))
-from benchmarks.versions import TORCH, TRANSFORMERS, TRANSFORMERS_MIN_TORCH, WRAPT_FLOOR  # noqa: E402
-
-
-def _release(version):
-    return tuple(int(part) for part in version.split("."))
+from benchmarks.versions import (  # noqa: E402
+    TORCH, TRANSFORMERS, WRAPT_FLOOR, entry_name, matrix_entries, wrapt_floor_entry_name,
+)
 
 
 def entries():
-    """Every (torch, transformers) pair, or those that ATTNPATCH_MATRIX_TORCH /
+    """The matrix, or the entries that ATTNPATCH_MATRIX_TORCH /
     ATTNPATCH_MATRIX_TRANSFORMERS pick (what `make matrix TORCH=... TRANSFORMERS=...` sets)."""
     only_torch = os.environ.get("ATTNPATCH_MATRIX_TORCH") or None
     only_tf = os.environ.get("ATTNPATCH_MATRIX_TRANSFORMERS") or None
-    return [
-        (torch, tf)
-        for torch in TORCH
-        for tf in TRANSFORMERS
-        if _release(torch) >= _release(TRANSFORMERS_MIN_TORCH.get(tf, "0"))
-        and only_torch in (None, torch)
-        and only_tf in (None, tf)
-    ]
+    return [(t, tf) for t, tf in matrix_entries() if only_torch in (None, t) and only_tf in (None, tf)]
 
 
 def _run_suite(session, entry, *pins):
@@ -86,7 +77,7 @@ def _run_suite(session, entry, *pins):
 def tests(session, torch, transformers):
     """The whole suite on one torch and one transformers release."""
     _run_suite(
-        session, f"torch {torch} / transformers {transformers}",
+        session, entry_name(torch, transformers),
         f"torch=={TORCH[torch]}", f"transformers=={TRANSFORMERS[transformers]}",
     )
 
@@ -94,9 +85,8 @@ def tests(session, torch, transformers):
 @nox.session
 def wrapt_floor(session):
     """The whole suite with the oldest wrapt pyproject.toml allows."""
-    newest = list(TORCH)[-1]
-    tf = list(TRANSFORMERS)[-1]
+    torch, tf = matrix_entries()[-1]
     _run_suite(
-        session, f"torch {newest} / transformers {tf} / wrapt {WRAPT_FLOOR}",
-        f"torch=={TORCH[newest]}", f"transformers=={TRANSFORMERS[tf]}", f"wrapt=={WRAPT_FLOOR}",
+        session, wrapt_floor_entry_name(),
+        f"torch=={TORCH[torch]}", f"transformers=={TRANSFORMERS[tf]}", f"wrapt=={WRAPT_FLOOR}",
     )

@@ -43,6 +43,38 @@ TRANSFORMERS_MIN_TORCH = {"5.24": "2.6"}
 # The oldest wrapt with the API attnpatch uses (unwrap_object and its errors).
 WRAPT_FLOOR = "2.4.0"
 
+
+
+def matrix_entries() -> list[tuple[str, str]]:
+    """Every (torch, transformers) pair of the matrix, as minor releases."""
+    return [
+        (torch, tf)
+        for torch in TORCH
+        for tf in TRANSFORMERS
+        if _release(torch) >= _release(TRANSFORMERS_MIN_TORCH.get(tf, "0"))
+    ]
+
+
+def entry_name(torch_minor: str, transformers_minor: str) -> str:
+    return f"torch {torch_minor} / transformers {transformers_minor}"
+
+
+def wrapt_floor_entry_name() -> str:
+    return f"{entry_name(*matrix_entries()[-1])} / wrapt {WRAPT_FLOOR}"
+
+
+def pins_of(name: str) -> dict[str, str]:
+    """The releases an entry installs, from its name."""
+    parts = dict(part.split(" ") for part in name.split(" / "))
+    pins = {"torch": TORCH[parts["torch"]], "transformers": TRANSFORMERS[parts["transformers"]]}
+    if "wrapt" in parts:
+        pins["wrapt"] = parts["wrapt"]
+    return pins
+
+
+def matrix_names() -> list[str]:
+    return [entry_name(*pair) for pair in matrix_entries()] + [wrapt_floor_entry_name()]
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_JSON = ROOT / "benchmarks" / "results" / "versions.json"
 RESULTS_MD = ROOT / "benchmarks" / "results" / "versions.md"
@@ -169,18 +201,14 @@ def _minor(version: str) -> str:
 def readme_table(data: dict) -> str:
     """The README's tables: what is supported (the oldest release every entry
     passed with, and up) and what was run; then a grid, one row per torch
-    release and one column per transformers release, each cell the whole
-    suite's outcome."""
-    entries = list(data["entries"].values())
+    release of the matrix and one column per transformers release, each cell
+    the whole suite's outcome."""
+    entries = data["entries"]
     floor = supported_range(data)
 
     def tested(package: str) -> str:
-        return ", ".join(sorted({r["versions"][package] for r in entries}, key=_release))
+        return ", ".join(sorted({r["versions"][package] for r in entries.values()}, key=_release))
 
-    default_wrapt = max((r["versions"]["wrapt"] for r in entries), key=_release, default="")
-    grid = [r for r in entries if r["versions"]["wrapt"] == default_wrapt]
-    torches = sorted({r["versions"]["torch"] for r in grid}, key=_release)
-    transformers = sorted({r["versions"]["transformers"] for r in grid}, key=_release)
     lines = [
         "| library | supported | tested |",
         "|---|---|---|",
@@ -189,25 +217,28 @@ def readme_table(data: dict) -> str:
         f"| transformers | 4.57 and 5.x | {tested('transformers')} |",
         f"| wrapt | {floor['wrapt']} + (< 3) | {tested('wrapt')} |",
         "",
-        "| torch \\ transformers | " + " | ".join(transformers) + " |",
-        "|---|" + "---|" * len(transformers),
+        "| torch \\ transformers | " + " | ".join(TRANSFORMERS.values()) + " |",
+        "|---|" + "---|" * len(TRANSFORMERS),
     ]
-    for torch_version in torches:
+    pairs = set(matrix_entries())
+    for torch_minor, torch_version in TORCH.items():
         cells = []
-        for tf in transformers:
-            match = [r for r in grid if r["versions"]["torch"] == torch_version and r["versions"]["transformers"] == tf]
-            cells.append(_summary(match[0]["totals"]) if match else "not run")
+        for tf_minor, tf_version in TRANSFORMERS.items():
+            result = entries.get(entry_name(torch_minor, tf_minor))
+            if (torch_minor, tf_minor) not in pairs:
+                cells.append(f"— (needs torch {TRANSFORMERS_MIN_TORCH[tf_minor]} +)")
+            else:
+                cells.append(_summary(result["totals"]) if result else "not run yet")
         lines.append(f"| {torch_version} | " + " | ".join(cells) + " |")
     lines.append("")
-    lines.append(f"wrapt {default_wrapt} in the grid.")
-    for result in entries:
-        v = result["versions"]
-        if v["wrapt"] != default_wrapt:
-            lines[-1] += (
-                f" wrapt {v['wrapt']} (torch {v['torch']}, transformers {v['transformers']}):"
-                f" {_summary(result['totals'])}."
-            )
-    lines[-1] += " Per test file: [benchmarks/results/versions.md](benchmarks/results/versions.md)."
+    floor_entry = entries.get(wrapt_floor_entry_name())
+    if floor_entry:
+        v = floor_entry["versions"]
+        lines.append(
+            f"wrapt {v['wrapt']} (with torch {v['torch']}, transformers {v['transformers']}): "
+            f"{_summary(floor_entry['totals'])}; the grid has the newest wrapt."
+        )
+    lines.append("Per test file: [benchmarks/results/versions.md](benchmarks/results/versions.md).")
     return "\n".join(lines)
 
 
