@@ -59,6 +59,9 @@ def _run_suite(session, entry, *pins):
     else:
         session.run("python", "-m", "benchmarks.versions", "record", entry, str(junit),
                     str(time.monotonic() - started))
+    root = ET.parse(junit).getroot()
+    suite = root if root.tag == "testsuite" else root.find("testsuite")
+    failed = int(suite.get("failures")) + int(suite.get("errors"))
     if os.environ.get("ATTNPATCH_MATRIX_DROP_ENVS") == "1":
         shutil.rmtree(session.virtualenv.location, ignore_errors=True)
         # uv's cache holds every entry's torch unpacked (about 5 GB each): drop
@@ -66,10 +69,8 @@ def _run_suite(session, entry, *pins):
         cache = Path(os.environ.get("UV_CACHE_DIR", "")).resolve()
         if Path(".nox").resolve() in cache.parents:
             shutil.rmtree(cache, ignore_errors=True)
-    root = ET.parse(junit).getroot()
-    suite = root if root.tag == "testsuite" else root.find("testsuite")
-    if int(suite.get("failures")) or int(suite.get("errors")):
-        session.error(f"{entry}: tests failed")
+    if failed:
+        session.error(f"{entry}: {failed} tests failed")
 
 
 @nox.session
