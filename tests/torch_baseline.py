@@ -25,11 +25,21 @@ def compiled_under_patch(compile_and_run):
         try:
             compile_and_run()
         except Exception as unpatched_error:  # noqa: BLE001 - any failure of torch's own
-            first_line = (str(unpatched_error).strip().splitlines() or [""])[0][:200]
-            pytest.skip(
-                f"torch {torch.__version__} cannot compile this without attnpatch either "
-                f"({type(unpatched_error).__name__}: {first_line})"
-            )
+            pytest.skip(f"torch {torch.__version__} cannot compile this without attnpatch either ({_describe(unpatched_error)})")
         raise patched_error
     finally:
         torch._dynamo.reset()
+
+
+def unpatched_or_skip(run, what):
+    """``run()`` with attnpatch off (the baseline a test compares with); where
+    this torch cannot run it at all, the test skips and says so."""
+    try:
+        return run()
+    except Exception as error:  # noqa: BLE001 - any failure of the library's own
+        pytest.skip(f"torch {torch.__version__} cannot run {what} without attnpatch either ({_describe(error)})")
+
+
+def _describe(error):
+    first_line = (str(error).strip().splitlines() or [""])[0][:200]
+    return f"{type(error).__name__}: {first_line}"
