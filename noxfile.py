@@ -3,7 +3,6 @@ release, each with transformers 4.57 (the last 4.x) and the newest 5.x.
 
     nox -s tests                                        # every entry, in sequence
     nox -s "tests(torch='2.15', transformers='5.24')"   # one entry
-    nox -s wrapt_floor                                  # the oldest wrapt we support
     nox -l                                              # the entries
 
 (or `make matrix`, `make matrix TORCH=2.15 TRANSFORMERS=5.24`). Each entry
@@ -13,7 +12,8 @@ the README's table). ATTNPATCH_MATRIX_DROP_ENVS=1 deletes each environment
 after its run (about 5 GB each), and uv's cache when it lies in .nox/ (as
 `make matrix` puts it; each entry then downloads its torch again, ~3 GB).
 
-torch comes from the package index as published there (on Linux, CUDA builds;
+The oldest entry also takes the oldest wrapt we support, so that it tests every
+floor at once. torch comes from the package index as published there (on Linux, CUDA builds;
 they run on a machine without a GPU, and the GPU tests then skip).
 """
 
@@ -31,9 +31,7 @@ nox.options.sessions = ["tests"]
 
 # The matrix itself lives beside its results table, where the tests read it too.
 sys.path.insert(0, str(Path(__file__).parent))
-from benchmarks.versions import (  # noqa: E402
-    TORCH, TRANSFORMERS, WRAPT_FLOOR, entry_name, matrix_entries, wrapt_floor_entry_name,
-)
+from benchmarks.versions import entry_name, matrix_entries, pins  # noqa: E402
 
 
 def entries():
@@ -79,17 +77,5 @@ def _run_suite(session, entry, *pins):
 @nox.parametrize(["torch", "transformers"], entries())
 def tests(session, torch, transformers):
     """The whole suite on one torch and one transformers release."""
-    _run_suite(
-        session, entry_name(torch, transformers),
-        f"torch=={TORCH[torch]}", f"transformers=={TRANSFORMERS[transformers]}",
-    )
-
-
-@nox.session
-def wrapt_floor(session):
-    """The whole suite with the oldest wrapt pyproject.toml allows."""
-    torch, tf = matrix_entries()[-1]
-    _run_suite(
-        session, wrapt_floor_entry_name(),
-        f"torch=={TORCH[torch]}", f"transformers=={TRANSFORMERS[tf]}", f"wrapt=={WRAPT_FLOOR}",
-    )
+    _run_suite(session, entry_name(torch, transformers),
+               *(f"{package}=={release}" for package, release in pins(torch, transformers).items()))

@@ -40,7 +40,8 @@ TORCH = {
 TRANSFORMERS = {"4.57": "4.57.6", "5.24": "5.24.0"}
 # transformers 5 needs torch >= 2.6 (it treats an older torch as absent).
 TRANSFORMERS_MIN_TORCH = {"5.24": "2.6"}
-# The oldest wrapt with the API attnpatch uses (unwrap_object and its errors).
+# The oldest wrapt with the API attnpatch uses (unwrap_object and its errors),
+# which the oldest entry installs.
 WRAPT_FLOOR = "2.4.0"
 
 
@@ -59,21 +60,14 @@ def entry_name(torch_minor: str, transformers_minor: str) -> str:
     return f"torch {torch_minor} / transformers {transformers_minor}"
 
 
-def wrapt_floor_entry_name() -> str:
-    return f"{entry_name(*matrix_entries()[-1])} / wrapt {WRAPT_FLOOR}"
+def pins(torch_minor: str, transformers_minor: str) -> dict[str, str]:
+    """The releases an entry installs. The oldest entry takes the oldest wrapt
+    too (every floor at once); the others take the newest wrapt."""
+    pinned = {"torch": TORCH[torch_minor], "transformers": TRANSFORMERS[transformers_minor]}
+    if (torch_minor, transformers_minor) == matrix_entries()[0]:
+        pinned["wrapt"] = WRAPT_FLOOR
+    return pinned
 
-
-def pins_of(name: str) -> dict[str, str]:
-    """The releases an entry installs, from its name."""
-    parts = dict(part.split(" ") for part in name.split(" / "))
-    pins = {"torch": TORCH[parts["torch"]], "transformers": TRANSFORMERS[parts["transformers"]]}
-    if "wrapt" in parts:
-        pins["wrapt"] = parts["wrapt"]
-    return pins
-
-
-def matrix_names() -> list[str]:
-    return [entry_name(*pair) for pair in matrix_entries()] + [wrapt_floor_entry_name()]
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_JSON = ROOT / "benchmarks" / "results" / "versions.json"
@@ -230,15 +224,13 @@ def readme_table(data: dict) -> str:
             else:
                 cells.append(_summary(result["totals"]) if result else "not run yet")
         lines.append(f"| {torch_version} | " + " | ".join(cells) + " |")
+    oldest = entry_name(*matrix_entries()[0])
     lines.append("")
-    floor_entry = entries.get(wrapt_floor_entry_name())
-    if floor_entry:
-        v = floor_entry["versions"]
-        lines.append(
-            f"wrapt {v['wrapt']} (with torch {v['torch']}, transformers {v['transformers']}): "
-            f"{_summary(floor_entry['totals'])}; the grid has the newest wrapt."
-        )
-    lines.append("Per test file: [benchmarks/results/versions.md](benchmarks/results/versions.md).")
+    lines.append(
+        f"The first entry ({oldest}) runs with wrapt {WRAPT_FLOOR}, the oldest supported, so that it"
+        " tests every floor at once; the others with the newest wrapt. Per test file:"
+        " [benchmarks/results/versions.md](benchmarks/results/versions.md)."
+    )
     return "\n".join(lines)
 
 
