@@ -1,18 +1,29 @@
-# The two commands of the README: `make demo` and `make test`. Both build their
-# own virtual environments; torch is pinned to the CPU build that lies on this
-# machine's disk (an open range would download a multi-GB CUDA build).
+# The commands of the README: `make demo`, `make test` and `make matrix`. Each
+# builds its own virtual environments; the main ones pin torch to the CPU build
+# that lies on this machine's disk (an open range would download a multi-GB
+# CUDA build).
 PYTHON ?= python3
-TORCH ?= torch==2.13.0
+TORCH_SPEC ?= torch==2.13.0
 VENV := .venv
 VENV_HF4 := .venv-hf4
+VENV_NOX := .venv-nox
 PYTEST_ARGS ?=
+# `make matrix TORCH=2.15 TRANSFORMERS=5.24` runs one entry of noxfile.py;
+# either one alone runs every entry with that release.
+TORCH ?=
+TRANSFORMERS ?=
+# The oldest and newest torch of the matrix, which `make test` runs too. Their
+# environments (about 5 GB each, mostly hard links into uv's cache) live outside
+# the clone, one per entry, and are reused by the next run.
+EDGE_ENTRIES := "tests(torch='2.5', transformers='4.57')" "tests(torch='2.15', transformers='5.24')"
+EDGE_CACHE ?= $(HOME)/.cache/attnpatch-ci
 
-.PHONY: demo test test-main test-hf4 bench bench-quick clean
+.PHONY: demo test test-main test-hf4 test-edges matrix bench bench-quick clean
 
 $(VENV)/.ready: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q "$(TORCH)"
+	$(VENV)/bin/pip install -q "$(TORCH_SPEC)"
 	$(VENV)/bin/pip install -q -e ".[hf,test]"
 	touch $@
 
@@ -20,20 +31,37 @@ $(VENV)/.ready: pyproject.toml
 $(VENV_HF4)/.ready: pyproject.toml
 	$(PYTHON) -m venv $(VENV_HF4)
 	$(VENV_HF4)/bin/pip install -q --upgrade pip
-	$(VENV_HF4)/bin/pip install -q "$(TORCH)"
+	$(VENV_HF4)/bin/pip install -q "$(TORCH_SPEC)"
 	$(VENV_HF4)/bin/pip install -q -e ".[test]" "transformers==4.57.*"
+	touch $@
+
+# nox and uv, for the version matrix.
+$(VENV_NOX)/.ready:
+	$(PYTHON) -m venv $(VENV_NOX)
+	$(VENV_NOX)/bin/pip install -q "nox>=2024.10.9" "uv>=0.5"
 	touch $@
 
 demo: $(VENV)/.ready
 	$(VENV)/bin/python -m attnpatch.demo
 
-test: test-main test-hf4
+test: test-main test-hf4 test-edges
 
 test-main: $(VENV)/.ready
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 test-hf4: $(VENV_HF4)/.ready
 	$(VENV_HF4)/bin/python -m pytest tests/hf $(PYTEST_ARGS)
+
+test-edges: $(VENV_NOX)/.ready
+	UV_CACHE_DIR=$(EDGE_CACHE)/uv ATTNPATCH_MATRIX_RECORD=0 $(VENV_NOX)/bin/python -m nox \
+		--envdir $(EDGE_CACHE)/nox --reuse-venv=yes -s $(EDGE_ENTRIES) -- $(PYTEST_ARGS)
+
+# Every entry in sequence (hours on 2 cores); each one's environment and uv
+# cache are deleted after its run, so the disk holds one entry at a time.
+matrix: $(VENV_NOX)/.ready
+	ATTNPATCH_MATRIX_TORCH=$(TORCH) ATTNPATCH_MATRIX_TRANSFORMERS=$(TRANSFORMERS) \
+		ATTNPATCH_MATRIX_DROP_ENVS=1 UV_CACHE_DIR=$(CURDIR)/.nox/uv-cache \
+		$(VENV_NOX)/bin/python -m nox -s tests
 
 bench: $(VENV)/.ready
 	$(VENV)/bin/python -m benchmarks.run
@@ -42,4 +70,4 @@ bench-quick: $(VENV)/.ready
 	$(VENV)/bin/python -m benchmarks.run --quick
 
 clean:
-	rm -rf $(VENV) $(VENV_HF4)
+	rm -rf $(VENV) $(VENV_HF4) $(VENV_NOX) .nox

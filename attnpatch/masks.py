@@ -238,6 +238,19 @@ def safe_softmax(input: Tensor, dim: int | None = None, _stacklevel: int = 3, dt
         if input.requires_grad and torch.is_grad_enabled():
             return _ZeroRowsSoftmax.apply(input, dtype)
         return _zero_all_masked_rows(_softmax(input, -1, dtype=dtype), input)
+    return _traceable_safe_softmax(input, dim, dtype)
+
+
+def composite_safe_softmax(input: Tensor, dim: int, dtype: Any = None) -> Tensor:
+    """``aten._safe_softmax`` from plain ops, for a torch that lacks the op: an all
+    ``-inf`` row is turned into a row of zeros before the softmax (so its
+    backward is finite) and its output set to 0 after it (so its gradient is
+    exactly zero); every other row goes through softmax untouched."""
+    all_masked = (input == NEG_INF).all(dim, keepdim=True)
+    return _softmax(input.masked_fill(all_masked, 0), dim, dtype=dtype).masked_fill(all_masked, 0)
+
+
+def _aten_safe_softmax(input: Tensor, dim: int, dtype: Any = None) -> Tensor:
     # The aten op (not torch._safe_softmax) so that dynamo can trace it.
     return torch.ops.aten._safe_softmax.default(input, dim, dtype)
 
@@ -257,6 +270,13 @@ def _zero_all_masked_rows(out: Tensor, input: Tensor) -> Tensor:
         all_masked = input[index].amax(-1) == NEG_INF
         out[tuple(i[all_masked] for i in index)] = 0
     return out
+
+
+# What the CUDA and torch.compile paths use: torch's own op where this torch has
+# it, the composite otherwise (a capability check, not a version check).
+_traceable_safe_softmax: Callable[..., Tensor] = (
+    _aten_safe_softmax if hasattr(torch.ops.aten, "_safe_softmax") else composite_safe_softmax
+)
 
 
 class _ZeroRowsSoftmax(torch.autograd.Function):

@@ -1,6 +1,6 @@
 """Target ``mha``: every path of ``nn.MultiheadAttention``.
 
-Knows torch 2.4 - 2.13. Two patch points, both module-level functions (a wrapt
+Knows torch 2.5 - 2.15. Two patch points, both module-level functions (a wrapt
 wrapper on an ``nn.Module`` class's ``forward`` breaks dynamo's guards, so the
 module classes themselves are never touched):
 

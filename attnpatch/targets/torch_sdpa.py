@@ -1,7 +1,7 @@
 """Target ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` (and its
 other name, ``torch._C._nn.scaled_dot_product_attention``, with the same wrapper).
 
-Knows torch 2.4 - 2.13 (signature ``query, key, value, attn_mask, dropout_p,
+Knows torch 2.5 - 2.15 (signature ``query, key, value, attn_mask, dropout_p,
 is_causal, scale, enable_gqa``). ``is_causal`` alone never masks a whole row, so
 only calls with an ``attn_mask`` are touched: fully masked rows are given every
 key (finite softmax in any kernel), and their output rows are set to exactly 0.

@@ -1,7 +1,7 @@
 """Target ``transformer``: the fused inference kernel of ``nn.TransformerEncoderLayer``
 (and so of ``nn.TransformerEncoder`` and ``nn.Transformer``'s encoder).
 
-Knows torch 2.4 - 2.13. The training/grad path of these layers runs through
+Knows torch 2.5 - 2.15. The training/grad path of these layers runs through
 ``nn.MultiheadAttention`` and is covered by the ``mha`` target; decoder layers
 have no fused path. ``torch._transformer_encoder_layer_fwd`` computes attention,
 residual, norms and feed-forward in one kernel, so a row's attention cannot be

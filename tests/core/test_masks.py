@@ -1,7 +1,10 @@
 """The pure mask logic, checked against a float64 reference with hypothesis."""
 
 import math
+import subprocess
+import sys
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -78,6 +81,58 @@ def test_clear_rows_zeroes_and_fills():
 def test_may_inspect_values_only_for_plain_cpu_tensors():
     assert masks.may_inspect_values(torch.ones(2))
     assert not masks.may_inspect_values(torch.ones(2, device="meta"))
+
+
+HAS_ATEN_SAFE_SOFTMAX = hasattr(torch.ops.aten, "_safe_softmax")
+
+
+@pytest.mark.skipif(not HAS_ATEN_SAFE_SOFTMAX, reason="this torch has no aten._safe_softmax to compare with")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("dim,out_dtype", [(-1, None), (1, None), (-1, torch.float64)])
+def test_composite_safe_softmax_is_aten_safe_softmax(dtype, dim, out_dtype):
+    """The stand-in for a torch without the op: the same forward, bitwise, and
+    the same gradient (zero for an all -inf row, NaN only where the op has NaN)."""
+    scores = torch.randn(2, 4, 5, generator=torch.Generator().manual_seed(0)).to(dtype)
+    scores[0, :, 1] = NEG_INF  # with dim=1: a fully masked column
+    scores[0, 2] = NEG_INF  # with dim=-1: a fully masked row
+    scores[1, 3, 2] = math.nan
+    scores[1, 1, :2] = NEG_INF
+    grad = torch.randn(2, 4, 5, dtype=out_dtype or dtype)
+    results = []
+    for softmax in (torch.ops.aten._safe_softmax.default, masks.composite_safe_softmax):
+        x = scores.clone().requires_grad_()
+        out = softmax(x, dim, out_dtype)
+        (x_grad,) = torch.autograd.grad(out, x, grad)
+        results.append((out, x_grad))
+    (aten_out, aten_grad), (ours_out, ours_grad) = results
+    assert torch.equal(ours_out.nan_to_num(7.0), aten_out.nan_to_num(7.0))
+    assert torch.equal(ours_grad.nan_to_num(7.0), aten_grad.nan_to_num(7.0))
+    assert torch.equal(ours_grad[0, 2], torch.zeros(5, dtype=dtype))
+
+
+def test_without_aten_safe_softmax_the_composite_runs(tmp_path):
+    """A torch without aten._safe_softmax (older than 2.5): the CUDA/compile
+    path of safe_softmax takes the composite, with no AttributeError."""
+    script = (
+        "import torch\n"
+        "namespace = type(torch.ops.aten)\n"
+        "lookup = namespace.__getattr__\n"
+        "def hide(self, name):\n"
+        "    if name == '_safe_softmax':\n"
+        "        raise AttributeError(name)\n"
+        "    return lookup(self, name)\n"
+        "namespace.__getattr__ = hide\n"
+        "vars(torch.ops.aten).pop('_safe_softmax', None)\n"
+        "assert not hasattr(torch.ops.aten, '_safe_softmax')\n"
+        "from attnpatch import masks\n"
+        "assert masks._traceable_safe_softmax is masks.composite_safe_softmax\n"
+        "scores = torch.tensor([[0.5, -1.0], [float('-inf'), float('-inf')]])\n"
+        "out = masks.safe_softmax(scores.t(), 0)\n"  # not the last dim: the traceable path
+        "assert torch.equal(out.t()[0], torch.softmax(scores[0], 0))\n"
+        "assert torch.equal(out.t()[1], torch.zeros(2))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
 
 
 @settings(deadline=None)

@@ -9,6 +9,7 @@ import transformers.modeling_utils as modeling_utils
 
 import attnpatch
 from tests.hf.helpers import left_padded, tiny_model
+from tests.torch_baseline import compiled_under_patch, unpatched_or_skip
 
 PROMPTS = [[5, 6, 7, 8, 9, 10], [11, 12, 13], [14]]  # left-padded to width 6
 IDS, MASK = left_padded(PROMPTS)
@@ -107,7 +108,7 @@ def test_flex_attention_passes_through():
     aborts inside torch 2.13's CPU flex kernel, so that path is not tested here."""
     pytest.importorskip("torch.nn.attention.flex_attention")
     model = tiny_model("llama", "flex_attention")
-    plain, _ = forward(model)
+    plain, _ = unpatched_or_skip(lambda: forward(model), "transformers' flex_attention on CPU")
     with attnpatch.patched():
         patched, outputs = forward(model)
     assert torch.equal(patched.logits[VALID], plain.logits[VALID])
@@ -118,12 +119,11 @@ def test_flex_attention_passes_through():
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @torch.no_grad()
 def test_compiled_llama_under_patch(attn):
-    torch._dynamo.reset()
     model = tiny_model("llama", attn)
+    inputs = dict(input_ids=IDS, attention_mask=MASK, output_attentions=attn == "eager")
     with attnpatch.patched():
-        reference = model(input_ids=IDS, attention_mask=MASK, output_attentions=attn == "eager")
-        compiled = torch.compile(model, fullgraph=True, backend="eager")
-        out = compiled(input_ids=IDS, attention_mask=MASK, output_attentions=attn == "eager")
+        reference = model(**inputs)
+    out = compiled_under_patch(lambda: torch.compile(model, fullgraph=True, backend="eager")(**inputs))
     torch.testing.assert_close(out.logits, reference.logits)
     if attn == "eager":
         for weights in out.attentions:

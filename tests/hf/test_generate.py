@@ -12,6 +12,7 @@ import attnpatch
 from attnpatch import masks
 from attnpatch.targets import hf_generate
 from tests.hf.helpers import EOS, PAD, left_padded, right_padded, tiny_model
+from tests.torch_baseline import compiled_under_patch
 
 PROMPTS = [[11, 12, 13, 14, 15], [11, 12], [20, 21, 22]]
 NEW = 6
@@ -122,15 +123,19 @@ def test_generate_with_a_fullgraph_compiled_forward():
     prompts = [[5, 9, 7, 4], [5, 9]]
     ids, mask = left_padded(prompts)
     expected = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
-    torch._dynamo.reset()
-    model.forward = torch.compile(model.forward, fullgraph=True, backend="aot_eager", dynamic=True)
-    try:
-        with attnpatch.patched():
+    right_ids, right_mask = right_padded(prompts)
+    eager_forward = model.forward
+
+    def compile_and_generate():
+        model.forward = torch.compile(eager_forward, fullgraph=True, backend="aot_eager", dynamic=True)
+        try:
             compiled = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
-            right_ids, right_mask = right_padded(prompts)
             realigned = model.generate(input_ids=right_ids, attention_mask=right_mask, max_new_tokens=4, do_sample=False)
-    finally:
-        torch._dynamo.reset()
+        finally:
+            model.forward = eager_forward
+        return compiled, realigned
+
+    compiled, realigned = compiled_under_patch(compile_and_generate)
     assert torch.equal(compiled, expected)
     assert torch.equal(realigned, expected)
 

@@ -1,0 +1,64 @@
+"""The version matrix's results agree with what the project says and asks for:
+the README's "Supported versions" tables and benchmarks/results/versions.md are
+generated from versions.json, every entry is green, and pyproject.toml's floors
+are the oldest releases the matrix passed, with no cap on torch."""
+
+import sys
+
+import pytest
+from packaging.requirements import Requirement
+from packaging.version import Version
+
+from benchmarks import versions
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    tomllib = pytest.importorskip("tomli")
+
+
+@pytest.fixture(scope="module")
+def data():
+    return versions.load()
+
+
+@pytest.fixture(scope="module")
+def requirements():
+    project = tomllib.loads((versions.ROOT / "pyproject.toml").read_text())["project"]
+    return {Requirement(text).name: Requirement(text) for text in project["dependencies"]}
+
+
+def test_every_entry_run_is_green(data):
+    broken = {name: r["broken"] for name, r in data["entries"].items() if not r["green"]}
+    assert not broken
+
+
+def test_the_oldest_and_newest_entries_were_run_with_their_pins(data):
+    """The entries the supported ranges rest on (the README's grid shows any
+    other entry not run yet as such)."""
+    names = {versions.entry_name(*pair): pair for pair in versions.matrix_entries()}
+    assert {versions.entry_name(*versions.matrix_entries()[i]) for i in (0, -1)} <= set(data["entries"])
+    for name, result in data["entries"].items():
+        assert name in names, f"{name}: not an entry of the matrix (stale?)"
+        for package, release in versions.pins(*names[name]).items():
+            assert result["versions"][package] == release, f"{name}: ran {package} {result['versions'][package]}"
+
+
+def test_readme_and_markdown_are_generated_from_the_json(data):
+    readme = versions.README.read_text()
+    assert readme == versions.readme_with_table(readme, data), "run: python -m benchmarks.versions render"
+    assert versions.RESULTS_MD.read_text() == versions.markdown(data), "run: python -m benchmarks.versions render"
+
+
+def test_torch_floor_is_the_oldest_release_the_matrix_passed_and_has_no_cap(data, requirements):
+    torch_req = requirements["torch"]
+    floor = Version(versions.supported_range(data)["torch"])
+    assert [spec.operator for spec in torch_req.specifier] == [">="]
+    assert Version(next(iter(torch_req.specifier)).version) == Version(f"{floor.major}.{floor.minor}")
+    assert Version(next(iter(versions.TORCH))) == Version(f"{floor.major}.{floor.minor}")
+
+
+def test_wrapt_floor_is_the_oldest_release_the_matrix_passed(data, requirements):
+    specs = {spec.operator: Version(spec.version) for spec in requirements["wrapt"].specifier}
+    assert specs[">="] == Version(versions.supported_range(data)["wrapt"]) == Version(versions.WRAPT_FLOOR)
+    assert specs["<"] == Version("3")  # the next major release may change the wrapper API

@@ -1,0 +1,45 @@
+"""Compare with what the same torch does without attnpatch, where torch itself
+cannot run a case on some release (e.g. fullgraph compiles that older torch
+releases cannot trace)."""
+
+import pytest
+import torch
+
+import attnpatch
+
+
+def compiled_under_patch(compile_and_run):
+    """``compile_and_run()`` (it compiles with ``fullgraph=True`` and calls the
+    result) with attnpatch on, and what it returns.
+
+    Where that raises, it runs again with attnpatch off: if this torch cannot
+    compile the case on its own either, the test skips and says so (there is
+    nothing to compare with); if it can, the failure is attnpatch's and is
+    raised."""
+    torch._dynamo.reset()
+    try:
+        with attnpatch.patched():
+            return compile_and_run()
+    except Exception as patched_error:
+        torch._dynamo.reset()
+        try:
+            compile_and_run()
+        except Exception as unpatched_error:  # noqa: BLE001 - any failure of torch's own
+            pytest.skip(f"torch {torch.__version__} cannot compile this without attnpatch either ({_describe(unpatched_error)})")
+        raise patched_error
+    finally:
+        torch._dynamo.reset()
+
+
+def unpatched_or_skip(run, what):
+    """``run()`` with attnpatch off (the baseline a test compares with); where
+    this torch cannot run it at all, the test skips and says so."""
+    try:
+        return run()
+    except Exception as error:  # noqa: BLE001 - any failure of the library's own
+        pytest.skip(f"torch {torch.__version__} cannot run {what} without attnpatch either ({_describe(error)})")
+
+
+def _describe(error):
+    first_line = (str(error).strip().splitlines() or [""])[0][:200]
+    return f"{type(error).__name__}: {first_line}"
