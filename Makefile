@@ -24,7 +24,7 @@ $(VENV)/.ready: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q "$(TORCH_SPEC)"
-	$(VENV)/bin/pip install -q -e ".[hf,test]"
+	$(VENV)/bin/pip install -q -e ".[hf,test,export]"
 	touch $@
 
 # transformers 4.57 (the last 4.x) for the Hugging Face tests.
