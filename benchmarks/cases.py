@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 BASELINE = "unpatched"
+GENERAL_PATH = "patched-general-path"  # attnpatch on, masks.FORCE_GENERAL_PATH set (see run.switch)
 TORCH_TARGETS_ONLY = "patched, torch targets only"  # sdpa, mha, transformer: no hf_* targets
 SOFTMAX_ON = "patched, softmax target on"  # the opt-in target alone (default targets do not touch softmax)
 
@@ -84,7 +85,7 @@ def check_rows(out: torch.Tensor, reference: torch.Tensor, rows: torch.Tensor) -
 SDPA_SHAPES = [(8, 16, 128, 64), (8, 16, 512, 64), (4, 16, 1024, 64), (1, 32, 2048, 128)]
 
 
-def sdpa_cases(shape: tuple[int, int, int, int], dtype: torch.dtype, device: str, *, general_path: bool) -> list[Case]:
+def sdpa_cases(shape: tuple[int, int, int, int], dtype: torch.dtype, device: str) -> list[Case]:
     batch, heads, seq_len, dim = shape
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(shape, generator=gen).to(device, dtype) for _ in range(3))
@@ -101,14 +102,6 @@ def sdpa_cases(shape: tuple[int, int, int, int], dtype: torch.dtype, device: str
         {BASELINE: lambda: sdpa(attn_mask=keep), "patched": lambda: sdpa(attn_mask=keep)},
         targets={"patched": masked_target}, memory=True,
     )
-    if general_path:
-        # The sanitise-and-clear path that runs wherever torch's kernel is not known
-        # to be safe (CUDA, torch.compile, other versions), forced here on CPU.
-        masked.variants["patched-general-path"] = lambda: sdpa(attn_mask=keep)
-        masked.notes["patched-general-path"] = (
-            "the path CUDA and torch.compile take, forced on CPU (no target on CPU); the mask is reused "
-            "across calls, as across a model's layers, so its safe mask comes from the cache"
-        )
     min_value = torch.finfo(dtype).min
     workarounds = {
         "workaround: float mask -1e8": float_mask(keep, dtype, -1e8),
@@ -317,6 +310,95 @@ def hf_cases(device: str, quick: bool) -> list[Case]:
         cases.append(Case("hf", "random Llama forward, left-padded", f"B={batch} L={seq_len} hidden=512 4 layers",
                           "float32", {BASELINE: forward, "patched": forward, TORCH_TARGETS_ONLY: forward},
                           note=note, memory=True))
+    return cases
+
+
+# ---------------------------------------------------------------- 7. the general path
+
+def general_target(length: int) -> float:
+    return 1.02 if length >= 512 else 1.03
+
+
+def general_sdpa_cases(device: str, quick: bool) -> list[Case]:
+    """The path CUDA and torch.compile take (no value read on the host), forced on
+    CPU: SDPA with a mask reused across calls (a model's layers share one) and
+    with a mask built afresh per call (each forward builds its own), at prefill
+    and at a single-token decode step."""
+    batch, heads, dim = 8, 16, 64
+    gen = torch.Generator().manual_seed(0)
+    cases = []
+    for q_len, length in [(128, 128)] if quick else [(128, 128), (512, 512), (1, 256), (1, 512), (1, 1024), (1, 2048)]:
+        q = torch.randn(batch, heads, q_len, dim, generator=gen).to(device)
+        k, v = (torch.randn(batch, heads, length, dim, generator=gen).to(device) for _ in range(2))
+        lengths = torch.tensor(left_padded_lengths(batch, length), device=device)
+        real = torch.arange(length, device=device)[None, :] >= (length - lengths)[:, None]  # (B, S) keys
+        if q_len == 1:
+            build = lambda real=real: real.view(batch, 1, 1, length)  # noqa: E731 - a new tensor each call
+            what = "decode step (Lq=1), padding mask"
+        else:
+            causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()
+            build = lambda real=real, causal=causal: causal[None, None] & real[:, None, None, :]  # noqa: E731
+            what = "prefill, left-padded causal mask"
+        reused = build()
+        fresh = lambda q=q, k=k, v=v, build=build: F.scaled_dot_product_attention(q, k, v, attn_mask=build())  # noqa: E731
+        same = lambda q=q, k=k, v=v, m=reused: F.scaled_dot_product_attention(q, k, v, attn_mask=m)  # noqa: E731
+        shape = f"B={batch} H={heads} Lq={q_len} S={length} D={dim}"
+        target = general_target(length)
+        cases.append(Case("general", f"SDPA {what}, mask reused", shape, "float32",
+                          {BASELINE: same, GENERAL_PATH: same}, targets={GENERAL_PATH: target}))
+        cases.append(Case("general", f"SDPA {what}, mask built per call", shape, "float32",
+                          {BASELINE: fresh, GENERAL_PATH: fresh}, targets={GENERAL_PATH: target},
+                          notes={GENERAL_PATH: "both variants build the mask inside the timed call"}))
+    return cases
+
+
+def general_mha_cases(device: str, quick: bool) -> list[Case]:
+    """nn.MultiheadAttention training (forward and backward) on the general path."""
+    cases = []
+    for seq_len in [128] if quick else [128, 512]:
+        for case in mha_cases(seq_len, device, batch=2 if quick else 8):
+            if case.name.startswith("train"):
+                cases.append(Case("general", "MHA " + case.name, case.shape, case.dtype,
+                                  {BASELINE: case.variants[BASELINE], GENERAL_PATH: case.variants["patched"]},
+                                  targets={GENERAL_PATH: general_target(seq_len)}))
+    return cases
+
+
+def general_generate_cases(device: str, quick: bool) -> list[Case]:
+    """Tiny-model generate() with every target, on the general path."""
+    return [
+        Case("general", case.name, case.shape, case.dtype,
+             {BASELINE: case.variants[BASELINE], GENERAL_PATH: case.variants["patched"]}, targets={GENERAL_PATH: 1.03})
+        for case in hf_cases(device, quick)
+        if "generate" in case.name
+    ]
+
+
+def compiled_sdpa_cases(device: str, quick: bool) -> list[Case]:
+    """torch.compile (inductor) of an SDPA call: the fix is traced into the graph.
+    One compiled function serves both variants (dynamo keeps a graph for each
+    state of the patch, told apart by its guards); compiling happens in warm-up."""
+    batch, heads, dim = 8, 16, 64
+    gen = torch.Generator().manual_seed(0)
+    cases = []
+    for q_len, length in [(128, 128)] if quick else [(128, 128), (512, 512), (1, 1024)]:
+        q = torch.randn(batch, heads, q_len, dim, generator=gen).to(device)
+        k, v = (torch.randn(batch, heads, length, dim, generator=gen).to(device) for _ in range(2))
+        lengths = torch.tensor(left_padded_lengths(batch, length), device=device)
+        real = torch.arange(length, device=device)[None, :] >= (length - lengths)[:, None]
+        if q_len == 1:
+            mask = real.view(batch, 1, 1, length)
+        else:
+            mask = torch.ones(length, length, dtype=torch.bool, device=device).tril()[None, None] & real[:, None, None, :]
+
+        @torch.compile(fullgraph=True, dynamic=False)
+        def attend(q, k, v, mask):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+        run = lambda attend=attend, q=q, k=k, v=v, mask=mask: attend(q, k, v, mask)  # noqa: E731
+        cases.append(Case("compiled", "torch.compile(SDPA), left-padded mask",
+                          f"B={batch} H={heads} Lq={q_len} S={length} D={dim}", "float32",
+                          {BASELINE: run, "patched": run}, targets={"patched": general_target(length)}))
     return cases
 
 

@@ -28,7 +28,7 @@ from attnpatch import masks
 from benchmarks import cases as C
 from benchmarks import overheads, timing
 
-GENERAL_PATH = "patched-general-path"
+GENERAL_PATH = C.GENERAL_PATH
 
 
 def switch(variant: str) -> None:
@@ -46,21 +46,25 @@ def switch(variant: str) -> None:
 
 def case_builders(device: str, quick: bool) -> Iterator[Callable[[], list[C.Case]]]:
     """Builders, so that each case's tensors live only while it runs."""
-    general = device == "cpu"  # on CUDA "patched" already is the general path
     shapes = C.SDPA_SHAPES[:1] if quick else C.SDPA_SHAPES
     dtypes = [torch.float32] if quick else [torch.float32, torch.bfloat16]
     for dtype in dtypes:
         for shape in shapes:
-            yield lambda shape=shape, dtype=dtype: C.sdpa_cases(shape, dtype, device, general_path=general)
+            yield lambda shape=shape, dtype=dtype: C.sdpa_cases(shape, dtype, device)
     for seq_len in [128] if quick else [128, 512]:
         yield lambda seq_len=seq_len: C.mha_cases(seq_len, device, batch=2 if quick else 8)
     yield lambda: [C.transformer_case(device, batch=2 if quick else 8, seq_len=64 if quick else 256)]
     yield lambda: C.softmax_cases(device, quick)
+    # The general path: on CUDA "patched" already is it; on CPU it is forced.
+    yield lambda: C.general_sdpa_cases(device, quick)
+    yield lambda: C.general_mha_cases(device, quick)
+    yield lambda: C.compiled_sdpa_cases(device, quick)
     try:
         import transformers  # noqa: F401
     except ImportError:
         return
     yield lambda: C.hf_cases(device, quick)
+    yield lambda: C.general_generate_cases(device, quick)
 
 
 def measure(case: C.Case, device: str, quick: bool) -> list[dict]:
@@ -90,10 +94,12 @@ def measure(case: C.Case, device: str, quick: bool) -> list[dict]:
             continue
         target = case.targets.get(variant)
         ratio = timing.paired_ratio(times, base)
+        ratio_q1, ratio_q3 = timing.paired_ratio_quartiles(times, base)
         mem_ratio = peaks[variant] / peaks[C.BASELINE] if variant in peaks and peaks[C.BASELINE] else None
         rows.append({
             "group": case.group, "case": case.name, "shape": case.shape, "dtype": case.dtype,
             "variant": variant, "median_ms": timing.median(times) * 1e3,
+            "ratio_q1": ratio_q1, "ratio_q3": ratio_q3,
             "unpatched_ms": timing.median(base) * 1e3, "ratio": ratio, "target": target,
             "meets_target": None if target is None else ratio <= target,
             "peak_mem_bytes": peaks.get(variant), "unpatched_peak_mem_bytes": peaks.get(C.BASELINE),
@@ -160,6 +166,12 @@ SUMMARY = [  # (label, target, row filter) for the figures the issue sets target
     ("nn.MultiheadAttention", 1.05, lambda r: r["group"] == "mha"),
     ("nn.TransformerEncoder", 1.05, lambda r: r["group"] == "transformer"),
     ("tiny-model generate()", 1.03, lambda r: r["group"] == "hf" and "generate" in r["case"]),
+    ("general path (CUDA's, forced on CPU), S < 512", 1.03,
+     lambda r: r["group"] == "general" and r["target"] == 1.03),
+    ("general path (CUDA's, forced on CPU), S >= 512", 1.02,
+     lambda r: r["group"] == "general" and r["target"] == 1.02),
+    ("torch.compile(SDPA), fix traced in, S < 512", 1.03, lambda r: r["group"] == "compiled" and r["target"] == 1.03),
+    ("torch.compile(SDPA), fix traced in, S >= 512", 1.02, lambda r: r["group"] == "compiled" and r["target"] == 1.02),
 ]
 # Rows of the opt-in softmax target: reported, no target (README, "Cost").
 SOFTMAX_SUMMARY = ("opt-in `softmax` target, softmax-heavy code without fully masked rows",
@@ -167,7 +179,7 @@ SOFTMAX_SUMMARY = ("opt-in `softmax` target, softmax-heavy code without fully ma
 
 
 def summary_lines(result: dict) -> list[str]:
-    rows = [r for r in result["rows"] if r["variant"] == "patched"]
+    rows = [r for r in result["rows"] if r["variant"] in ("patched", GENERAL_PATH)]
     lines = ["| target | worst patched/unpatched | target | met |", "|---|---:|---:|---|"]
     for label, target, keep in SUMMARY:
         ratios = [r["ratio"] for r in rows if keep(r)]
@@ -206,8 +218,8 @@ def markdown(result: dict) -> str:
         "",
         *summary_lines(result),
         "",
-        "| group | case | shape | dtype | variant | unpatched ms | variant ms | ratio | target | meets | peak mem ratio | noise | notes |",
-        "|---|---|---|---|---|---:|---:|---:|---:|---|---:|---:|---|",
+        "| group | case | shape | dtype | variant | unpatched ms | variant ms | ratio | ratio IQR | target | meets | peak mem ratio | noise | notes |",
+        "|---|---|---|---|---|---:|---:|---:|---:|---:|---|---:|---:|---|",
     ]
     for r in result["rows"]:
         meets = "" if r["meets_target"] is None else ("yes" if r["meets_target"] else "**NO**")
@@ -216,7 +228,8 @@ def markdown(result: dict) -> str:
             mem += " **NO**"
         lines.append(
             f"| {r['group']} | {r['case']} | {r['shape']} | {r['dtype']} | {r['variant']} | "
-            f"{r['unpatched_ms']:.3f} | {r['median_ms']:.3f} | {r['ratio']:.3f} | {_fmt(r['target'], '.2f')} | "
+            f"{r['unpatched_ms']:.3f} | {r['median_ms']:.3f} | {r['ratio']:.3f} | "
+            f"{r.get('ratio_q1', r['ratio']):.3f}–{r.get('ratio_q3', r['ratio']):.3f} | {_fmt(r['target'], '.2f')} | "
             f"{meets} | {mem} | {r['unpatched_spread']:.1%} | {r['note']} |"
         )
     yes = lambda ok: "yes" if ok else "**NO**"  # noqa: E731
@@ -272,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = args.device + ("-quick" if args.quick else "")
+    stem = args.device + ("-quick" if args.quick else "") + (f"-{args.only}" if args.only else "")
     (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / f"{stem}.md").write_text(markdown(result))
     print(f"wrote {out / (stem + '.json')} and {out / (stem + '.md')} in {result['meta']['duration_s']} s")

@@ -81,6 +81,15 @@ def paired_ratio(patched: list[float], baseline: list[float]) -> float:
     return statistics.median(p / b for p, b in zip(patched, baseline))
 
 
+def paired_ratio_quartiles(patched: list[float], baseline: list[float]) -> tuple[float, float]:
+    """First and third quartile of the per-repeat ratios: the spread of the figure."""
+    ratios = [p / b for p, b in zip(patched, baseline)]
+    if len(ratios) < 2:
+        return ratios[0], ratios[0]
+    quartiles = statistics.quantiles(ratios, n=4)
+    return quartiles[0], quartiles[2]
+
+
 def peak_memory(fn: Callable[[], object], device: str) -> int:
     """Peak bytes the allocator held while ``fn`` ran (CUDA: allocator stats; CPU:
     the profiler's memory timeline, which counts the tensors the call touched)."""

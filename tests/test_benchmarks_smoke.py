@@ -11,7 +11,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 ROW_KEYS = {
-    "group", "case", "shape", "dtype", "variant", "median_ms", "unpatched_ms", "ratio", "target",
+    "group", "case", "shape", "dtype", "variant", "median_ms", "unpatched_ms", "ratio", "ratio_q1", "ratio_q3", "target",
     "meets_target", "peak_mem_ratio", "repeats", "note",
 }
 META_KEYS = {"device", "torch", "transformers", "attnpatch", "python", "date", "mode"}
@@ -35,7 +35,8 @@ def test_quick_run_writes_json_and_markdown(tmp_path):
     assert OVERHEAD_KEYS <= set(result["overheads"])
     rows = result["rows"]
     assert rows and all(ROW_KEYS <= set(row) for row in rows)
-    assert {"sdpa", "mha", "transformer"} <= {row["group"] for row in rows}
+    assert {"sdpa", "mha", "transformer", "general", "compiled"} <= {row["group"] for row in rows}
+    assert any(row["variant"] == "patched-general-path" for row in rows)
     assert all(row["ratio"] > 0 and row["median_ms"] > 0 for row in rows)
     assert any(row["variant"].startswith("workaround") for row in rows)
 
