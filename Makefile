@@ -7,7 +7,7 @@ VENV := .venv
 VENV_HF4 := .venv-hf4
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-main test-hf4 bench bench-quick clean
+.PHONY: demo test test-main test-hf4 bench bench-quick upstream clean
 
 $(VENV)/.ready: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,14 @@ bench: $(VENV)/.ready
 
 bench-quick: $(VENV)/.ready
 	$(VENV)/bin/python -m benchmarks.run --quick
+
+# PyTorch's own tests of SDPA, nn.MultiheadAttention and the attention-bias API,
+# without then with attnpatch (tests/upstream). Not part of `test`: it needs the
+# test files of the installed torch's release (a sparse clone, network) and runs
+# for tens of minutes on 2 cores. Writes benchmarks/results/upstream-cpu.md.
+upstream: $(VENV)/.ready
+	$(VENV)/bin/pip install -q "expecttest>=0.2"
+	$(VENV)/bin/python -m tests.upstream --fetch
 
 clean:
 	rm -rf $(VENV) $(VENV_HF4)
