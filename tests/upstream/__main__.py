@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import tempfile
@@ -31,7 +32,8 @@ STUBS = Path(__file__).with_name("stubs")
 PYTORCH_REPO = "https://github.com/pytorch/pytorch.git"
 
 
-def run_pytest(test_dir: Path, *, patched: bool, device: str, junit: Path, extra: list[str]) -> float:
+def run_pytest(test_dir: Path, *, patched: bool, device: str, junit: Path, extra: list[str]) -> tuple[float, float]:
+    """Runs one pass; returns (wall seconds, CPU seconds of the pytest process)."""
     env = dict(os.environ)
     env.pop("ATTNPATCH", None)  # the baseline must not be auto-activated
     env["PYTORCH_TESTING_DEVICE_ONLY_FOR"] = device
@@ -42,22 +44,27 @@ def run_pytest(test_dir: Path, *, patched: bool, device: str, junit: Path, extra
         ini = Path(tmp) / "pytest.ini"  # neither this repository's settings nor the checkout's
         ini.write_text("[pytest]\n")
         command = [
-            sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-c", str(ini),
+            sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-c", str(ini),
             "--rootdir", str(test_dir), f"--junitxml={junit}", "-o", "junit_family=xunit1",
             *(["--attnpatch"] if patched else []),
             *(f"--deselect={entry}" for entry in suite.OUT_OF_SCOPE),
             *extra, *suite.FILES,
         ]
         print(("patched" if patched else "baseline") + ": " + " ".join(command[1:]), flush=True)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), children_cpu_seconds()
         done = subprocess.run(command, cwd=test_dir, env=env, capture_output=True, text=True)
-        seconds = time.perf_counter() - start
+        seconds, cpu = time.perf_counter() - start, children_cpu_seconds() - cpu_start
     header = "attnpatch: active for this session" in done.stdout
     if header != patched or not junit.exists():
         sys.exit(f"pytest did not run as asked (patched={patched}, plugin active={header}):\n"
                  f"{done.stdout[-3000:]}{done.stderr[-3000:]}")
     print(done.stdout.strip().splitlines()[-1], flush=True)
-    return seconds
+    return seconds, cpu
+
+
+def children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def release_tag() -> str:
@@ -104,6 +111,10 @@ def versions() -> dict:
             "cores": os.cpu_count(), "machine": platform.machine()}
 
 
+def seconds(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0f}"
+
+
 def pair_row(test_id: str, pair: tuple[Result, Result]) -> str:
     before, after = pair
     message = (after.message or before.message).replace("|", "\\|")
@@ -126,11 +137,17 @@ def write_report(out: Path, device: str, meta: dict, base: dict, patched: dict, 
         f"Test files: {meta['source']['label']}.", "",
         "| file | sha256 |", "|---|---|",
         *(f"| test/{path} | `{digest}` |" for path, digest in meta["source"]["sha256"].items()), "",
-        "| run | passed | failed | error | skipped | wall s |", "|---|---:|---:|---:|---:|---:|",
+        "| run | passed | failed | error | skipped | wall s | CPU s |", "|---|---:|---:|---:|---:|---:|---:|",
         *(f"| {name} | " + " | ".join(str(c[k]) for k in ("passed", "failed", "error", "skipped"))
-          + f" | {meta['seconds'][name]:.0f} |" for name, c in (("baseline", counts(base)), ("patched", counts(patched)))),
+          + f" | {meta['seconds'][name]:.0f} | {seconds(meta.get('cpu_seconds', {}).get(name))} |"
+          for name, c in (("baseline", counts(base)), ("patched", counts(patched)))),
         "",
-        f"Left out of both runs (suite.OUT_OF_SCOPE): {', '.join(f'`{e}`' for e in suite.OUT_OF_SCOPE)}.", "",
+        *([f"Load average at the start: {', '.join(f'{x:.1f}' for x in meta['load_average'])} "
+           "(on a shared machine CPU seconds are the steadier figure).", ""] if "load_average" in meta else []),
+        "Left out of both runs (suite.OUT_OF_SCOPE):", "",
+        *(f"- `{entry}`: {why}" for entry, why in suite.OUT_OF_SCOPE.items()), "",
+        "Expected to differ (suite.NAN_ASSERTING):", "",
+        *(f"- `{entry}`: {why}" for entry, why in suite.NAN_ASSERTING.items()), "",
     ]
     titles = {
         "regressions": "Pass without attnpatch, not with it (must be empty)",
@@ -142,7 +159,7 @@ def write_report(out: Path, device: str, meta: dict, base: dict, patched: dict, 
         rows = getattr(cmp, name)
         lines += [f"## {titles[name]}: {len(rows)}", ""]
         if rows:
-            lines += ["| test | without | with | first line of the message |", "|---|---|---|---|",
+            lines += ["| test | without | with | message (start) |", "|---|---|---|---|",
                       *(pair_row(test_id, pair) for test_id, pair in rows.items()), ""]
     if cmp.stale_nan_entries:
         lines += ["## suite.NAN_ASSERTING entries that no longer differ", "",
@@ -175,14 +192,15 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
             fetch(src)
         meta = {**versions(), "device": args.device, "source": source_description(src, args.source_label),
-                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "seconds": {}}
+                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "load_average": os.getloadavg(), "seconds": {}, "cpu_seconds": {}}
         keep = args.keep or Path(tempfile.mkdtemp(prefix="attnpatch-upstream-"))
         keep.mkdir(parents=True, exist_ok=True)
         results = {}
         for name, patched in (("baseline", False), ("patched", True)):
             junit = keep / f"{name}.xml"
-            meta["seconds"][name] = run_pytest(src / "test", patched=patched, device=args.device,
-                                               junit=junit, extra=args.pytest_args)
+            meta["seconds"][name], meta["cpu_seconds"][name] = run_pytest(
+                src / "test", patched=patched, device=args.device, junit=junit, extra=args.pytest_args)
             results[name] = read_junit(junit)
         (keep / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
         print(f"junit files and meta.json kept in {keep} (--reuse {keep} compares them again)")

@@ -7,6 +7,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
+MESSAGE_CHARS = 240
+
+
 @dataclass(frozen=True)
 class Result:
     outcome: str  # passed, failed, error or skipped
@@ -66,8 +69,8 @@ def read_junit(path: Path) -> dict[str, Result]:
         for child in case:
             if child.tag in ("failure", "error", "skipped"):
                 outcome = {"failure": "failed", "error": "error", "skipped": "skipped"}[child.tag]
-                message = (child.get("message") or (child.text or "")).strip().splitlines()
-                message = message[0][:300] if message else ""
+                # The start of the message, on one line: enough to tell NaN from a wrong value.
+                message = " ".join((child.get("message") or child.text or "").split())[:MESSAGE_CHARS]
                 break
         results[node_id(case.get("classname", ""), case.get("name", ""))] = Result(outcome, message)
     return results

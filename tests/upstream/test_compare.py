@@ -54,7 +54,7 @@ def test_an_entry_covers_the_tests_under_it_only():
     assert list(result.regressions) == ["m.py::TestMHAFast::test_x"]
 
 
-def test_junit_cases_become_node_ids_with_outcome_and_first_message_line(tmp_path):
+def test_junit_cases_become_node_ids_with_outcome_and_message_on_one_line(tmp_path):
     xml = tmp_path / "run.xml"
     xml.write_text(
         '<testsuites><testsuite>'
@@ -68,7 +68,7 @@ def test_junit_cases_become_node_ids_with_outcome_and_first_message_line(tmp_pat
 
     assert read_junit(xml) == {
         "test_transformers.py::TestAttnBiasCPU::test_ok_cpu": PASS,
-        "nn/test_multihead_attention.py::TestMHA::test_bad": Result("failed", "AssertionError: not close"),
+        "nn/test_multihead_attention.py::TestMHA::test_bad": Result("failed", "AssertionError: not close second line"),
         "test_transformers.py::TestSDPACPU::test_gpu": Result("skipped", "no CUDA"),
         "test_transformers.py::TestSDPACPU::test_setup": Result("error", "boom"),
     }
