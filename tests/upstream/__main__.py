@@ -125,7 +125,7 @@ def write_report(out: Path, device: str, meta: dict, base: dict, patched: dict, 
     out.mkdir(parents=True, exist_ok=True)
     groups = ("regressions", "nan_expected", "fixed", "fail_both")
     data = {"meta": meta, "baseline": counts(base), "patched": counts(patched),
-            "stale_nan_entries": cmp.stale_nan_entries,
+            "stale_nan_entries": cmp.stale_nan_entries, "unmatched_nan_entries": cmp.unmatched_nan_entries,
             **{name: {test_id: [asdict(r) for r in pair] for test_id, pair in getattr(cmp, name).items()}
                for name in groups}}
     (out / f"upstream-{device}.json").write_text(json.dumps(data, indent=1) + "\n")
@@ -215,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"REGRESSION {test_id}: {after.outcome}: {after.message}")
     for entry in cmp.stale_nan_entries:
         print(f"STALE suite.NAN_ASSERTING entry (no test there differs): {entry}")
+    for entry in cmp.unmatched_nan_entries:
+        print(f"suite.NAN_ASSERTING entry that matched no test in this run: {entry}")
     return 1 if cmp.regressions or cmp.stale_nan_entries else 0
 
 

@@ -21,6 +21,7 @@ class Comparison:
     regressions: dict[str, tuple[Result, Result]] = field(default_factory=dict)
     nan_expected: dict[str, tuple[Result, Result]] = field(default_factory=dict)
     stale_nan_entries: list[str] = field(default_factory=list)
+    unmatched_nan_entries: list[str] = field(default_factory=list)
     fixed: dict[str, tuple[Result, Result]] = field(default_factory=dict)
     fail_both: dict[str, tuple[Result, Result]] = field(default_factory=dict)
 
@@ -47,11 +48,14 @@ def compare(baseline: dict[str, Result], patched: dict[str, Result], nan_asserti
             result.fixed[test_id] = pair
         elif before.outcome in ("failed", "error") and after.outcome in ("failed", "error"):
             result.fail_both[test_id] = pair
-    # An entry that matches nothing, or whose tests do not differ, no longer says
-    # anything true about this release: the list must be trimmed.
+    # An entry whose tests ran and do not differ no longer says anything true about
+    # this release: the list must be trimmed. One that matches no test that ran is
+    # only reported (a run narrowed with -k, or a test renamed upstream).
     for entry in nan_asserting:
         pairs = [pair for test_id, pair in result.nan_expected.items() if listed(test_id, [entry])]
-        if not any(before.outcome == "passed" and after.outcome != "passed" for before, after in pairs):
+        if not pairs:
+            result.unmatched_nan_entries.append(entry)
+        elif not any(before.outcome == "passed" and after.outcome != "passed" for before, after in pairs):
             result.stale_nan_entries.append(entry)
     return result
 

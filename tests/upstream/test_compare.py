@@ -40,7 +40,12 @@ def test_a_nan_entry_whose_tests_do_not_differ_is_stale():
     same = {"m.py::TestMHA::test_nan_reference": PASS}
 
     assert compare(same, same, NAN).stale_nan_entries == list(NAN)
-    assert compare({}, {}, NAN).stale_nan_entries == list(NAN)
+
+
+def test_a_nan_entry_that_matches_no_test_is_reported_not_stale():
+    result = compare({"m.py::T::test_a": PASS}, {"m.py::T::test_a": PASS}, NAN)
+
+    assert result.unmatched_nan_entries == list(NAN) and result.stale_nan_entries == []
 
 
 def test_an_entry_covers_the_tests_under_it_only():
