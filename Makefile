@@ -18,7 +18,7 @@ TRANSFORMERS ?=
 EDGE_ENTRIES := "tests(torch='2.5', transformers='4.57')" "tests(torch='2.15', transformers='5.24')"
 EDGE_CACHE ?= $(HOME)/.cache/attnpatch-ci
 
-.PHONY: demo test test-main test-hf4 test-edges matrix bench bench-quick clean
+.PHONY: demo test test-main test-hf4 test-edges matrix bench bench-quick upstream clean
 
 $(VENV)/.ready: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -68,6 +68,14 @@ bench: $(VENV)/.ready
 
 bench-quick: $(VENV)/.ready
 	$(VENV)/bin/python -m benchmarks.run --quick
+
+# PyTorch's own tests of SDPA, nn.MultiheadAttention and the attention-bias API,
+# without then with attnpatch (tests/upstream). Not part of `test`: it needs the
+# test files of the installed torch's release (a sparse clone, network) and runs
+# for tens of minutes on 2 cores. Writes benchmarks/results/upstream-cpu.md.
+upstream: $(VENV)/.ready
+	$(VENV)/bin/pip install -q "expecttest>=0.2"
+	$(VENV)/bin/python -m tests.upstream --fetch
 
 clean:
 	rm -rf $(VENV) $(VENV_HF4) $(VENV_NOX) .nox
