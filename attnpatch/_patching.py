@@ -203,6 +203,9 @@ class PlainFunctionPoint(PatchPoint):
     back if our function is still there."""
 
     key: str | None = None
+    # (original, its wrapper or None if skipped, skip note): prepared once per
+    # original, so apply/remove cycles do not redo ``prepare``'s inspection.
+    _prepared: Any = field(default=None, repr=False)
 
     @property
     def qualname(self) -> str:
@@ -224,8 +227,11 @@ class PlainFunctionPoint(PatchPoint):
         except Exception:  # noqa: BLE001 - any lookup failure means "not in this version"
             self._skip(f"{self.qualname} not found in this version")
             return
-        wrapper = self._wrapper_for(original)
+        if self._prepared is None or self._prepared[0] is not original:
+            self._prepared = (original, self._wrapper_for(original), self.note)
+        _, wrapper, note = self._prepared
         if wrapper is None:
+            self.state, self.note = "skipped", note
             return
         token = self._token = object()
 
@@ -279,6 +285,7 @@ class PointFamily:
     points: dict[str, PatchPoint] = field(default_factory=dict)  # module name -> its point
 
     def __post_init__(self) -> None:
+        self._examined: set[str] = set()
         self.prefix = self.pattern.split("*", 1)[0]
         self.regex = re.compile(fnmatch.translate(self.pattern))
 
@@ -287,6 +294,16 @@ class PointFamily:
 
     def describe(self) -> str:
         return f"{self.path} of {self.pattern}"
+
+    def imported_matches(self) -> list[str]:
+        """Matching modules imported since the last look (the import watcher
+        reports the ones imported while the target is on; this finds the rest
+        without rescanning thousands of module names on every ``apply()``)."""
+        if len(sys.modules) == len(self._examined):
+            return []  # nothing imported since (modules are almost never dropped)
+        fresh = sys.modules.keys() - self._examined
+        self._examined = set(sys.modules)
+        return [name for name in fresh if self.matches(name)]
 
 
 class _ImportWatcher:
@@ -484,7 +501,7 @@ def _install_target(name: str, only_module: str | None = None) -> None:
         only_module = None
     for family in _families[name]:
         _watch(family)
-        for module_name in [only_module] if only_module else list(sys.modules):
+        for module_name in [only_module] if only_module else family.imported_matches():
             if family.matches(module_name):
                 _discover(name, family, module_name)
     for point in _points[name]:
