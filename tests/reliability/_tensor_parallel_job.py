@@ -11,6 +11,10 @@ with attnpatch, on two kernels:
 * ``nan``: a plain-softmax kernel installed where PyTorch's was, before
   attnpatch wraps it: NaN on a fully masked row, as several CUDA kernels give.
 
+Then a tensor-parallel attention block as users build one: q/k/v projections
+column-wise (so the heads come out sharded), the output projection row-wise,
+on the NaN kernel.
+
 Every rank also computes the same calls on plain tensors in its own process,
 the 1-process result. Run by test_tensor_parallel.py as
 ``python _tensor_parallel_job.py OUT_DIR``; writes OUT_DIR/rank{r}.pt.
@@ -28,6 +32,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).parents[2]))
@@ -54,6 +59,52 @@ def attention(q, k, v, mask) -> dict:
     return result
 
 
+class AttentionBlock(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.q, self.k, self.v, self.o = (torch.nn.Linear(H * D, H * D) for _ in range(4))
+
+    def forward(self, x, mask):
+        def heads(t):
+            return t.view(B, L, H, D).transpose(1, 2)
+
+        self.heads = F.scaled_dot_product_attention(heads(self.q(x)), heads(self.k(x)), heads(self.v(x)), attn_mask=mask)
+        return self.o(self.heads.transpose(1, 2).reshape(B, L, H * D))
+
+
+def block(module, mask) -> dict:
+    x = torch.randn(B, L, H * D, generator=torch.Generator().manual_seed(1))
+    out = module(x, mask)
+    heads = module.heads
+    if isinstance(heads, DTensor):
+        # The row-wise projection returns its all-reduced output as an AsyncCollectiveTensor.
+        return {"out": out.wait() if hasattr(out, "wait") else out, "heads": heads.full_tensor(),
+                "placements": [str(p) for p in heads.placements]}
+    return {"out": out, "heads": heads}
+
+
+def run_block(mesh) -> dict:
+    import attnpatch
+
+    keep = left_padded_keep_mask(LENGTHS, L)
+    column = ColwiseParallel(use_local_output=False)  # keep q/k/v as DTensors
+    plan = {"q": column, "k": column, "v": column, "o": RowwiseParallel()}
+    sharded = parallelize_module(AttentionBlock(), mesh, plan)
+    mask = distribute_tensor(keep, mesh, [Replicate()])
+    original = F.scaled_dot_product_attention
+    F.scaled_dot_product_attention = naive_sdpa  # under the patch, as the kernel
+    try:
+        with torch.no_grad():
+            case = {"unpatched": block(sharded, mask)}
+            with attnpatch.patched("sdpa"):
+                case["patched"] = block(sharded, mask)
+                case["single"] = block(AttentionBlock(), keep)
+    finally:
+        F.scaled_dot_product_attention = original
+    return case
+
+
 def run_all(mesh) -> dict:
     import attnpatch
 
@@ -76,6 +127,7 @@ def run_all(mesh) -> dict:
             finally:
                 F.scaled_dot_product_attention = original
             results[f"{kernel}-{mask_kind}"] = case
+    results["block"] = run_block(mesh)
     return results
 
 

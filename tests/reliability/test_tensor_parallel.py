@@ -52,10 +52,12 @@ def test_tensor_parallel_sdpa(tensor_parallel, kernel, mask):
         if kernel == "nan":
             # The bug, first: a kernel that gives NaN on a fully masked row does so on DTensors.
             assert not _finite(unpatched["out"])
-        else:
-            # PyTorch's own CPU math kernel already gives those rows 0 (torch 2.13):
-            # there attnpatch must change nothing.
+        elif _finite(unpatched["out"], *unpatched["grads"]):
+            # PyTorch's own CPU math kernel already gives those rows 0 (torch 2.13
+            # does): there attnpatch must change nothing.
             assert torch.equal(patched["out"], unpatched["out"])
+            for got, expected in zip(patched["grads"], unpatched["grads"]):
+                assert torch.equal(got, expected)
         assert patched["placements"] == ["S(1)"]  # still sharded over heads
         assert _finite(patched["out"], *patched["grads"])
         assert torch.equal(patched["out"][PADS], torch.zeros_like(patched["out"][PADS]))
@@ -63,6 +65,20 @@ def test_tensor_parallel_sdpa(tensor_parallel, kernel, mask):
         assert torch.equal(patched["out"], single["out"])
         for got, expected in zip(patched["grads"], single["grads"]):
             assert torch.equal(got, expected)
+
+
+def test_tensor_parallel_attention_block(tensor_parallel):
+    """q/k/v projections column-wise, output projection row-wise, NaN kernel."""
+    for ranks in tensor_parallel:
+        unpatched, patched, single = (ranks["block"][k] for k in ("unpatched", "patched", "single"))
+        assert not _finite(unpatched["out"])  # the bug, first
+        assert patched["placements"] == ["S(1)"]  # the heads were sharded
+        assert _finite(patched["out"])
+        assert torch.equal(patched["heads"][PADS], torch.zeros_like(patched["heads"][PADS]))
+        assert torch.equal(patched["heads"], single["heads"])  # attention: bitwise the 1-process result
+        # The row-wise output projection sums the ranks' partial products, in
+        # another order than one matmul: the 1-process result within rounding.
+        torch.testing.assert_close(patched["out"], single["out"], rtol=1e-6, atol=1e-6)
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["ATTNPATCH-unset", "ATTNPATCH=1"])
