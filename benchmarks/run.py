@@ -42,26 +42,26 @@ def switch(variant: str) -> None:
     masks.FORCE_GENERAL_PATH = variant == GENERAL_PATH
 
 
-def case_builders(device: str, quick: bool) -> Iterator[Callable[[], list[C.Case]]]:
-    """Builders, so that each case's tensors live only while it runs."""
+def case_builders(device: str, quick: bool) -> Iterator[tuple[str, Callable[[], list[C.Case]]]]:
+    """(group, builder) pairs: builders, so that each case's tensors live only while it runs."""
     shapes = C.SDPA_SHAPES[:1] if quick else C.SDPA_SHAPES
     dtypes = [torch.float32] if quick else [torch.float32, torch.bfloat16]
     for dtype in dtypes:
         for shape in shapes:
-            yield lambda shape=shape, dtype=dtype: C.sdpa_cases(shape, dtype, device)
+            yield "sdpa", lambda shape=shape, dtype=dtype: C.sdpa_cases(shape, dtype, device)
     for seq_len in [128] if quick else [128, 512]:
-        yield lambda seq_len=seq_len: C.mha_cases(seq_len, device, batch=2 if quick else 8)
-    yield lambda: [C.transformer_case(device, batch=2 if quick else 8, seq_len=64 if quick else 256)]
+        yield "mha", lambda seq_len=seq_len: C.mha_cases(seq_len, device, batch=2 if quick else 8)
+    yield "transformer", lambda: [C.transformer_case(device, batch=2 if quick else 8, seq_len=64 if quick else 256)]
     # The general path: on CUDA "patched" already is it; on CPU it is forced.
-    yield lambda: C.general_sdpa_cases(device, quick)
-    yield lambda: C.general_mha_cases(device, quick)
-    yield lambda: C.compiled_sdpa_cases(device, quick)
+    yield "general", lambda: C.general_sdpa_cases(device, quick)
+    yield "general", lambda: C.general_mha_cases(device, quick)
+    yield "compiled", lambda: C.compiled_sdpa_cases(device, quick)
     try:
         import transformers  # noqa: F401
     except ImportError:
         return
-    yield lambda: C.hf_cases(device, quick)
-    yield lambda: C.general_generate_cases(device, quick)
+    yield "hf", lambda: C.hf_cases(device, quick)
+    yield "general", lambda: C.general_generate_cases(device, quick)
 
 
 def measure(case: C.Case, device: str, quick: bool) -> list[dict]:
@@ -250,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smoke run: one small shape per group, few repeats")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--out", default=str(Path(__file__).with_name("results")))
-    parser.add_argument("--only", default="", help="run only groups whose name contains this (e.g. sdpa)")
+    parser.add_argument("--only", default="", help="run only these groups, comma-separated (e.g. general,compiled); "
+                        "the results go to <device>-<groups>.md/json")
     args = parser.parse_args(argv)
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -258,11 +259,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     started = time.perf_counter()
     result = {"meta": metadata(args.device, args.quick), "rows": [], "overheads": {}}
-    builders = list(case_builders(args.device, args.quick))
+    groups = args.only.split(",") if args.only else None
+    builders = [build for group, build in case_builders(args.device, args.quick) if groups is None or group in groups]
     for index, build in enumerate(builders, 1):
         for case in build():
-            if args.only and args.only not in case.group:
-                continue
             print(f"[{index}/{len(builders)} {time.perf_counter() - started:5.0f}s] {case.group}: {case.name} "
                   f"{case.shape} {case.dtype}", flush=True)
             for row in measure(case, args.device, args.quick):
@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = args.device + ("-quick" if args.quick else "") + (f"-{args.only}" if args.only else "")
+    stem = args.device + ("-quick" if args.quick else "") + ("-" + args.only.replace(",", "-") if args.only else "")
     (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / f"{stem}.md").write_text(markdown(result))
     print(f"wrote {out / (stem + '.json')} and {out / (stem + '.md')} in {result['meta']['duration_s']} s")
