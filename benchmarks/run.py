@@ -203,8 +203,7 @@ def markdown(result: dict) -> str:
         f"Ratio = {meta['ratio']}; <= 1 is free. Peak memory = {meta['peak_memory']}, patched/unpatched "
         "(target <= 1.05). Noise = interquartile range / median of the unpatched samples (a case whose "
         "noise exceeds 5% is measured again, at most twice, and the quietest attempt kept). "
-        "Produced by `python -m benchmarks.run" + (" --quick" if meta["mode"] == "quick" else "")
-        + f" --device {meta['device']}`.",
+        "Produced by `" + meta.get("command", "python -m benchmarks.run --device " + meta["device"]) + "`.",
         "",
         *summary_lines(result),
         "",
@@ -252,13 +251,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(Path(__file__).with_name("results")))
     parser.add_argument("--only", default="", help="run only these groups, comma-separated (e.g. general,compiled); "
                         "the results go to <device>-<groups>.md/json")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads (default: torch's choice); 1 keeps a busy shared machine's "
+                        "thread barriers out of the figures")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     if args.device == "cuda" and not torch.cuda.is_available():
         print("benchmarks: no CUDA device here; skipping", file=sys.stderr)
         return 0
     started = time.perf_counter()
     result = {"meta": metadata(args.device, args.quick), "rows": [], "overheads": {}}
+    result["meta"]["command"] = "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:])
     groups = args.only.split(",") if args.only else None
     builders = [build for group, build in case_builders(args.device, args.quick) if groups is None or group in groups]
     for index, build in enumerate(builders, 1):
