@@ -333,7 +333,7 @@ def general_sdpa_cases(device: str, quick: bool) -> list[Case]:
         lengths = torch.tensor(left_padded_lengths(batch, length), device=device)
         real = torch.arange(length, device=device)[None, :] >= (length - lengths)[:, None]  # (B, S) keys
         if q_len == 1:
-            build = lambda real=real: real.view(batch, 1, 1, length)  # noqa: E731 - a new tensor each call
+            build = lambda real=real, shape=(batch, 1, 1, length): real.view(shape)  # noqa: E731 - a new tensor each call
             what = "decode step (Lq=1), padding mask"
         else:
             causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()

@@ -44,27 +44,27 @@ def switch(variant: str) -> None:
     masks.FORCE_GENERAL_PATH = variant == GENERAL_PATH
 
 
-def case_builders(device: str, quick: bool) -> Iterator[Callable[[], list[C.Case]]]:
-    """Builders, so that each case's tensors live only while it runs."""
+def case_builders(device: str, quick: bool) -> Iterator[tuple[str, Callable[[], list[C.Case]]]]:
+    """(group, builder) pairs: builders, so that each case's tensors live only while it runs."""
     shapes = C.SDPA_SHAPES[:1] if quick else C.SDPA_SHAPES
     dtypes = [torch.float32] if quick else [torch.float32, torch.bfloat16]
     for dtype in dtypes:
         for shape in shapes:
-            yield lambda shape=shape, dtype=dtype: C.sdpa_cases(shape, dtype, device)
+            yield "sdpa", lambda shape=shape, dtype=dtype: C.sdpa_cases(shape, dtype, device)
     for seq_len in [128] if quick else [128, 512]:
-        yield lambda seq_len=seq_len: C.mha_cases(seq_len, device, batch=2 if quick else 8)
-    yield lambda: [C.transformer_case(device, batch=2 if quick else 8, seq_len=64 if quick else 256)]
-    yield lambda: C.softmax_cases(device, quick)
+        yield "mha", lambda seq_len=seq_len: C.mha_cases(seq_len, device, batch=2 if quick else 8)
+    yield "transformer", lambda: [C.transformer_case(device, batch=2 if quick else 8, seq_len=64 if quick else 256)]
+    yield "softmax", lambda: C.softmax_cases(device, quick)
     # The general path: on CUDA "patched" already is it; on CPU it is forced.
-    yield lambda: C.general_sdpa_cases(device, quick)
-    yield lambda: C.general_mha_cases(device, quick)
-    yield lambda: C.compiled_sdpa_cases(device, quick)
+    yield "general", lambda: C.general_sdpa_cases(device, quick)
+    yield "general", lambda: C.general_mha_cases(device, quick)
+    yield "compiled", lambda: C.compiled_sdpa_cases(device, quick)
     try:
         import transformers  # noqa: F401
     except ImportError:
         return
-    yield lambda: C.hf_cases(device, quick)
-    yield lambda: C.general_generate_cases(device, quick)
+    yield "hf", lambda: C.hf_cases(device, quick)
+    yield "general", lambda: C.general_generate_cases(device, quick)
 
 
 def measure(case: C.Case, device: str, quick: bool) -> list[dict]:
@@ -213,8 +213,7 @@ def markdown(result: dict) -> str:
         f"Ratio = {meta['ratio']}; <= 1 is free. Peak memory = {meta['peak_memory']}, patched/unpatched "
         "(target <= 1.05). Noise = interquartile range / median of the unpatched samples (a case whose "
         "noise exceeds 5% is measured again, at most twice, and the quietest attempt kept). "
-        "Produced by `python -m benchmarks.run" + (" --quick" if meta["mode"] == "quick" else "")
-        + f" --device {meta['device']}`.",
+        "Produced by `" + meta.get("command", "python -m benchmarks.run --device " + meta["device"]) + "`.",
         "",
         *summary_lines(result),
         "",
@@ -260,19 +259,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smoke run: one small shape per group, few repeats")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--out", default=str(Path(__file__).with_name("results")))
-    parser.add_argument("--only", default="", help="run only groups whose name contains this (e.g. sdpa)")
+    parser.add_argument("--only", default="", help="run only these groups, comma-separated (e.g. general,compiled); "
+                        "the results go to <device>-<groups>.md/json")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads (default: torch's choice); 1 keeps a busy shared machine's "
+                        "thread barriers out of the figures")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     if args.device == "cuda" and not torch.cuda.is_available():
         print("benchmarks: no CUDA device here; skipping", file=sys.stderr)
         return 0
     started = time.perf_counter()
     result = {"meta": metadata(args.device, args.quick), "rows": [], "overheads": {}}
-    builders = list(case_builders(args.device, args.quick))
+    result["meta"]["command"] = "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:])
+    groups = args.only.split(",") if args.only else None
+    builders = [build for group, build in case_builders(args.device, args.quick) if groups is None or group in groups]
     for index, build in enumerate(builders, 1):
         for case in build():
-            if args.only and args.only not in case.group:
-                continue
             print(f"[{index}/{len(builders)} {time.perf_counter() - started:5.0f}s] {case.group}: {case.name} "
                   f"{case.shape} {case.dtype}", flush=True)
             for row in measure(case, args.device, args.quick):
@@ -285,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = args.device + ("-quick" if args.quick else "") + (f"-{args.only}" if args.only else "")
+    stem = args.device + ("-quick" if args.quick else "") + ("-" + args.only.replace(",", "-") if args.only else "")
     (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / f"{stem}.md").write_text(markdown(result))
     print(f"wrote {out / (stem + '.json')} and {out / (stem + '.md')} in {result['meta']['duration_s']} s")
