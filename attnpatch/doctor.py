@@ -395,10 +395,20 @@ def _user_generate_case(user: UserModel, implementation: str) -> Callable[[], Ch
     return run
 
 
-def build_model_cases(user: UserModel) -> list[Case]:
+# On CPU, transformers' flex_attention path (generate() in particular) compiles
+# C++ kernels with inductor: minutes, or a compiler error where none is set up.
+SLOW_ON_CPU = {"flex_attention": "compiles C++ kernels on CPU (minutes); ask for it with --attn flex_attention"}
+
+
+def build_model_cases(user: UserModel, implementations: list[str] | None = None) -> list[Case]:
     cases = []
-    for implementation in IMPLEMENTATIONS:
+    for implementation in implementations or IMPLEMENTATIONS:
         where = f"{user.device}/{implementation}"
+        slow = SLOW_ON_CPU.get(implementation) if user.device == "cpu" and not implementations else None
+        if slow:
+            for name in ("left-padded forward", "right-padded generate"):
+                cases.append(Case(f"{user.architecture} {name}", where, skip=slow))
+            continue
         try:
             with _quiet():
                 user.model(implementation)
@@ -542,9 +552,11 @@ def main(argv: list[str] | None = None) -> int:
                         "(config, weights, tokenizer) or, online, a hub id")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="with --model: allow running code that ships with the checkpoint")
+    parser.add_argument("--attn", metavar="LIST", help="with --model: attention implementations to try, "
+                        f"comma-separated (default: {','.join(IMPLEMENTATIONS)}; flex_attention only on GPU)")
     args = parser.parse_args(argv)
-    if args.trust_remote_code and not args.model:
-        parser.error("--trust-remote-code goes with --model")
+    if (args.trust_remote_code or args.attn) and not args.model:
+        parser.error("--trust-remote-code and --attn go with --model")
 
     started = time.perf_counter()
     if any(entry["holders"] for entry in attnpatch.status().values()):
@@ -560,7 +572,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             with _quiet():
                 user = load_user_model(args.model, args.trust_remote_code, devices[-1])
-                cases = build_model_cases(user)
+                cases = build_model_cases(user, args.attn.split(",") if args.attn else None)
         except DoctorError as exc:
             print(f"attnpatch doctor: {exc}", file=sys.stderr)
             return 2

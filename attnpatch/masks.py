@@ -264,7 +264,7 @@ def _zero_all_masked_rows(out: Tensor, input: Tensor) -> Tensor:
     """Set to 0, in place, the rows of the softmax ``out`` whose ``input`` row is
     all ``-inf`` (their weights came out NaN). Only rows whose first weight is
     NaN are looked at: NaN from NaN or ``+inf`` scores stays, as in softmax."""
-    nan_rows = out[..., 0].isnan()
+    nan_rows = out.select(-1, 0).isnan()
     if nan_rows.any():
         index = nan_rows.nonzero(as_tuple=True)
         all_masked = input[index].amax(-1) == NEG_INF

@@ -83,3 +83,12 @@ def test_status_says_why_a_target_is_skipped(capsys):
     line = next(line for line in out.splitlines() if line.strip().startswith("skipped "))
     assert "not found in this version" in line
     assert "skipped: cannot be patched here" in out
+
+
+def test_status_apply_leaves_the_opt_in_softmax_target_off():
+    result = attnpatch_command("status", "--apply")
+    assert result.returncode == 0, result.stderr
+    line = next(line for line in result.stdout.splitlines() if line.split()[:1] == ["softmax"])
+    assert line.split()[1] == "off" and "opt-in" in line
+    report = json.loads(attnpatch_command("status", "--json", env_extra={"ATTNPATCH": "1,softmax"}).stdout)
+    assert report["softmax"]["state"] == "deferred until torch is imported" and report["softmax"]["default"] is False

@@ -14,7 +14,7 @@ an attention *function*, looked up at call time:
 * ``eager``: the module-level ``eager_attention_forward`` of every model file
   (``transformers.models.*.modeling_*``), found as transformers imports it
   (``PointFamily``), among them Llama's and Qwen2's. Those of Llama's shape
-  (``_not_llama_shaped``: about 340 of 356 in 5.24) are patched; the rest are
+  (``_not_llama_shaped``: 346 of the 356 that exist in 5.24, 162 of 164 in 4.57) are patched; the rest are
   skipped quietly, and ``attnpatch status`` says why. We call a copy of the
   model's *own* function whose ``nn.functional.softmax`` is
   ``aten._safe_softmax`` (0 for a row of ``-inf``), with the fully masked rows

@@ -53,7 +53,8 @@ def test_model_rows_without_and_with_attnpatch(report):
         generate = rows["LlamaForCausalLM right-padded generate", f"cpu/{implementation}"]
         assert (generate["unpatched"], generate["patched"]) == ("wrong", "ok"), generate
     assert all(row["patched"] in ("ok", "-") for row in rows.values())
-    assert {where for _, where in rows} == {"cpu/eager", "cpu/sdpa", "cpu/flex_attention"}
+    flex = rows["LlamaForCausalLM right-padded generate", "cpu/flex_attention"]
+    assert flex["unpatched"].startswith("skipped (compiles C++ kernels on CPU") and "--attn" in flex["unpatched"]
 
 
 def test_table(saved_model, monkeypatch, capsys):
