@@ -256,6 +256,8 @@ def markdown(data: dict) -> str:
             + f". {_summary(result['totals'])}.",
             "",
         ]
+        for note in result.get("notes", []):
+            lines += [f"Note: {note}", ""]
         if result["broken"]:
             lines += ["Failed:", ""] + [f"- `{test}`" for test in result["broken"]] + [""]
         if result.get("skip_reasons"):
