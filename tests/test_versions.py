@@ -39,11 +39,11 @@ def test_every_entry_run_is_green(data):
     assert not broken
 
 
-def test_the_oldest_and_newest_entries_were_run_with_their_pins(data):
-    """The entries the supported ranges rest on (the README's grid shows any
-    other entry not run yet as such)."""
+def test_the_oldest_entry_was_run_and_every_entry_with_its_pins(data):
+    """The floors rest on the oldest entry (the README's grid shows any entry
+    not run yet as such; `make test` runs the newest in every CI run)."""
     names = {versions.entry_name(*pair): pair for pair in versions.matrix_entries()}
-    assert {versions.entry_name(*versions.matrix_entries()[i]) for i in (0, -1)} <= set(data["entries"])
+    assert versions.entry_name(*versions.matrix_entries()[0]) in data["entries"]
     for name, result in data["entries"].items():
         assert name in names, f"{name}: not an entry of the matrix (stale?)"
         for package, release in versions.pins(*names[name]).items():
