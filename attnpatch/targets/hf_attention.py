@@ -112,18 +112,14 @@ SAFE_NN = _namespace_copy(
 
 def _eager_point(module_name: str, optional: bool = True) -> PlainFunctionPoint:
     point = PlainFunctionPoint(module_name, "eager_attention_forward", optional=optional)
-    last: list[Any] = [None, None]  # [original, its wrapper]: apply/remove cycles reuse it
 
     def prepare(original: Any) -> Callable[..., Any]:
-        if last[0] is original:
-            return last[1]
         if type(original) is not types.FunctionType or original.__globals__.get("nn") is not torch.nn:
             raise Skip(f"{point.qualname} is not transformers' plain function; attnpatch leaves it alone")
         why = _not_llama_shaped(original)
         if why:
             raise Skip(f"{point.qualname} {why}; attnpatch leaves it alone")
-        last[:] = [original, _eager_wrapper(copy_with_globals(original, nn=SAFE_NN))]
-        return last[1]
+        return _eager_wrapper(copy_with_globals(original, nn=SAFE_NN))
 
     point.prepare = prepare
     return point
