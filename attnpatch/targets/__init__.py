@@ -59,6 +59,15 @@ def overrides_engaged(args: tuple, kwargs: dict) -> bool:
     )
 
 
+def dispatch_overrides(public: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+    """Hand a call that engages the override protocol to it, as PyTorch's own
+    code does, with ``func`` = ``public``: the patched name (for a builtin whose
+    C++ binding would hand handlers an unpatched object we cannot replace, so
+    that the handler's call back still comes through attnpatch)."""
+    relevant = args + tuple(kwargs.values()) if kwargs else args
+    return torch.overrides.handle_torch_function(public, relevant, *args, **kwargs)
+
+
 def subclass_arguments(args: tuple, kwargs: dict) -> bool:
     """``overrides_engaged`` without the modes, for functions that are not a unit
     of torch's dispatch (transformers' attention functions): an active mode sees

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from attnpatch import masks
 from attnpatch._patching import PatchPoint, Skip
-from attnpatch.targets import copy_with_globals, get_arg, overrides_engaged, with_arg
+from attnpatch.targets import copy_with_globals, dispatch_overrides, get_arg, overrides_engaged, with_arg
 from attnpatch.targets import torch_sdpa
 
 MASK, NEED_WEIGHTS, AVERAGE, MASK_TYPE = 9, 10, 11, 12  # _native_multi_head_attention
@@ -80,8 +80,10 @@ def _mha_forward_wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple
 
 def _native_mha_wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple, kwargs: dict) -> Any:
     mask = get_arg(args, kwargs, MASK, "mask")
-    if not isinstance(mask, Tensor) or overrides_engaged(args, kwargs):
+    if not isinstance(mask, Tensor):
         return wrapped(*args, **kwargs)
+    if overrides_engaged(args, kwargs):
+        return dispatch_overrides(torch._native_multi_head_attention, args, kwargs)
     try:
         mask_type = get_arg(args, kwargs, MASK_TYPE, "mask_type")
         need_weights = get_arg(args, kwargs, NEED_WEIGHTS, "need_weights", True)

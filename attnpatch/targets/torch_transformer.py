@@ -17,19 +17,22 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import torch
 from torch import Tensor
 
 from attnpatch import masks
 from attnpatch._patching import PatchPoint
-from attnpatch.targets import get_arg, overrides_engaged, with_arg
+from attnpatch.targets import dispatch_overrides, get_arg, overrides_engaged, with_arg
 
 MASK, MASK_TYPE = 18, 19
 
 
 def _encoder_layer_wrapper(wrapped: Callable[..., Tensor], instance: Any, args: tuple, kwargs: dict) -> Any:
     mask = get_arg(args, kwargs, MASK, "mask")
-    if not isinstance(mask, Tensor) or overrides_engaged(args, kwargs):
+    if not isinstance(mask, Tensor):
         return wrapped(*args, **kwargs)
+    if overrides_engaged(args, kwargs):
+        return dispatch_overrides(torch._transformer_encoder_layer_fwd, args, kwargs)
     try:
         mask_type = get_arg(args, kwargs, MASK_TYPE, "mask_type")
         if mask_type not in (0, 1, 2) or mask.shape[-1] == 0:

@@ -196,3 +196,26 @@ def test_both_names_get_one_wrapper_and_are_restored():
         assert torch._C._nn.scaled_dot_product_attention is F.scaled_dot_product_attention
     assert F.scaled_dot_product_attention is original
     assert torch._C._nn.scaled_dot_product_attention is original
+
+
+def test_the_native_fast_path_kernel_under_a_mode_calls_back_into_the_fix():
+    """PyTorch's binding would hand a mode ``torch._C._VariableFunctions``'
+    kernel, which attnpatch cannot replace; it hands the patched name instead,
+    so the mode's call back is fixed (this is how AOT tracing records it)."""
+    mha, x, pad = _mha_call()
+    mha.eval()
+    args = (
+        x.detach(), x.detach(), x.detach(), mha.embed_dim, mha.num_heads,
+        mha.in_proj_weight, mha.in_proj_bias, mha.out_proj.weight, mha.out_proj.bias,
+        (causal_drop_mask(5) | pad[:, None, None, :]).expand(2, 2, 5, 5),
+    )
+    with torch.no_grad():
+        with _Recorder() as unpatched:
+            expected, _ = torch._native_multi_head_attention(*args, need_weights=False, mask_type=2)
+        assert has_nan(expected)
+        with attnpatch.patched(), _Recorder() as patched:
+            got, _ = torch._native_multi_head_attention(*args, need_weights=False, mask_type=2)
+    assert [name for name, _ in patched.calls] == [name for name, _ in unpatched.calls]
+    assert ("_native_multi_head_attention", True) in patched.calls
+    assert not has_nan(got)
+    assert torch.equal(got[~pad], expected[~pad])
