@@ -7,8 +7,6 @@ from __future__ import annotations
 import types
 from typing import Any, Callable
 
-import torch
-
 
 def get_arg(args: tuple, kwargs: dict, index: int, name: str, default: Any = None) -> Any:
     """The argument a call passed at ``index`` or as ``name``."""
@@ -82,5 +80,10 @@ def subclass_arguments(args: tuple, kwargs: dict) -> bool:
         if isinstance(value, torch.Tensor)
     )
 
+
+# torch last: when transformers is imported first, this package is imported
+# before torch, and torch's own import then installs the torch targets, which
+# import the names above from this (still initialising) module.
+import torch  # noqa: E402
 
 _DISABLED = torch._C._disabled_torch_function_impl
