@@ -15,15 +15,13 @@ Tiny random models, no downloads; a few seconds on CPU.
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import tempfile
-import warnings
 
 import torch
 from torch import nn
 
 import attnpatch
+from attnpatch.doctor import quiet
 
 EMBED, HEADS, SEQ = 16, 2, 5
 PAD = torch.tensor([[True, True, False, False, False], [False] * 5])  # True = pad key
@@ -122,23 +120,6 @@ def decode(model: torch.nn.Module, tokenizer, prompts: list[str]) -> list[str]:
     with torch.no_grad():
         out = model.generate(**batch, max_new_tokens=NEW_TOKENS, do_sample=False)
     return tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:])
-
-
-@contextlib.contextmanager
-def quiet():
-    """Hide transformers' right-padding warning and attnpatch's log line: the demo prints the story."""
-    loggers = [logging.getLogger(name) for name in ("transformers", "attnpatch")]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)
-
 
 def right_padding() -> bool:
     import transformers

@@ -410,7 +410,7 @@ def build_model_cases(user: UserModel, implementations: list[str] | None = None)
                 cases.append(Case(f"{user.architecture} {name}", where, skip=slow))
             continue
         try:
-            with _quiet():
+            with quiet():
                 user.model(implementation)
         except Exception as exc:  # noqa: BLE001 - e.g. "does not support an attention implementation through ..."
             for name in ("left-padded forward", "right-padded generate"):
@@ -463,7 +463,7 @@ def _valid_rows_changed(before: Check, after: Check, device: str) -> bool:
 
 
 @contextlib.contextmanager
-def _quiet() -> Any:
+def quiet() -> Any:
     """Silence the warnings and log lines the reproductions trigger (transformers'
     right-padding warning, attnpatch's one-time re-alignment note): the table says it."""
     loggers = [logging.getLogger(name) for name in ("attnpatch", "transformers")]
@@ -483,7 +483,7 @@ def diagnose(case: Case) -> dict[str, str]:
     row = {"case": case.name, "where": case.where, "unpatched": "", "patched": "", "detail": ""}
     if case.run is None:
         return {**row, "unpatched": f"skipped ({case.skip})", "patched": "-"}
-    with _quiet():
+    with quiet():
         try:
             before = case.run()
         except Exception as exc:  # noqa: BLE001 - e.g. a backend that refuses this input here
@@ -570,7 +570,7 @@ def main(argv: list[str] | None = None) -> int:
     info = versions()
     if args.model:
         try:
-            with _quiet():
+            with quiet():
                 user = load_user_model(args.model, args.trust_remote_code, devices[-1])
                 cases = build_model_cases(user, args.attn.split(",") if args.attn else None)
         except DoctorError as exc:
