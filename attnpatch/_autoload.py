@@ -1,7 +1,8 @@
 """Imported by ``attnpatch.pth`` at interpreter start-up when ``ATTNPATCH`` is set.
 
-``ATTNPATCH=1`` (or ``all``) turns every target on; a comma list such as
-``ATTNPATCH=sdpa,mha`` picks targets. The variable is inherited by every child
+``ATTNPATCH=1`` (or ``all``) turns every default target on; a comma list such
+as ``ATTNPATCH=sdpa,mha`` picks targets, and ``ATTNPATCH=1,softmax`` adds an
+opt-in one. The variable is inherited by every child
 process, so torchrun workers, spawned DataLoader workers and subprocesses are
 covered too. Nothing heavy is imported here: targets install when torch or
 transformers are imported.
