@@ -80,7 +80,14 @@ def _torch_cpu_kernel_is_safe() -> bool:
 
 def _llama_case(attn):
     pytest.importorskip("transformers", reason="the Llama case needs transformers")
+    import transformers.masking_utils as masking_utils
+
     from tests.hf.helpers import left_padded
+
+    if not getattr(masking_utils, "_is_torch_greater_or_equal_than_2_6", True):
+        pytest.skip(f"on torch {torch.__version__} transformers builds masks with torch.vmap, which this "
+                    "torch's export cannot trace, with or without attnpatch (and a failed attempt leaves "
+                    "vmap's state behind for the tests after it)")
 
     ids, mask = left_padded([[5, 6, 7, 8, 9, 10], [11, 12, 13]])
     return Llama(attn), (ids, mask), (1, slice(0, 3))
@@ -160,10 +167,14 @@ def _check_patched(name, out, expected, pad_rows, exact):
 @pytest.mark.parametrize("name", list(CASES))
 def test_torch_export(name):
     module, inputs, pad_rows, expected = _case(name)
+    try:
+        plain_program = _export(module, inputs, patched=False)
+    except Exception as exc:  # noqa: BLE001 - any failure of torch's or transformers' own
+        pytest.skip(f"torch {torch.__version__} cannot export this case without attnpatch either "
+                    f"({type(exc).__name__}: {str(exc).splitlines()[0][:160]})")
     patched_program = _export(module, inputs, patched=True)
     assert set(FIX_OPS) & _graph_ops(patched_program), "the fix is not in the exported graph"
 
-    plain_program = _export(module, inputs, patched=False)
     plain = plain_program.module()(*inputs)
     expectation = UNPATCHED_EXPORT[name]
     if expectation == "nan":
