@@ -70,7 +70,7 @@ def test_wrapt_floor_is_the_oldest_release_the_matrix_passed(data, requirements)
     assert specs["<"] == Version("3")  # the next major release may change the wrapper API
 
 
-def test_make_test_runs_the_oldest_and_newest_entries():
+def test_make_test_edges_runs_the_oldest_and_newest_entries():
     makefile = (versions.ROOT / "Makefile").read_text()
     line = next(line for line in makefile.splitlines() if line.startswith("EDGE_ENTRIES :="))
     for torch_minor, transformers_minor in (versions.matrix_entries()[0], versions.matrix_entries()[-1]):
