@@ -70,18 +70,28 @@ def _packs_into_int32(mask: Tensor) -> bool:
     )
 
 
-def admit_rows(mask: Tensor, rows: Tensor, *, drop: bool = False, keepdim: bool = False) -> Tensor:
-    """A new mask in which each row flagged in ``rows`` admits every key
-    (``keepdim``: ``rows`` has the mask's last dim kept as 1).
+def admit_rows(
+    mask: Tensor, rows: Tensor, *, drop: bool = False, keepdim: bool = False, in_place: bool = False
+) -> Tensor:
+    """A new mask in which each row flagged in ``rows`` admits a key (``keepdim``:
+    ``rows`` has the mask's last dim kept as 1). ``in_place``: a float mask no
+    caller holds is changed itself.
 
     Softmax over such a row is finite, so any kernel computes a finite (and
-    meaningless) result there, which the caller then clears. Rows not flagged
-    are copied unchanged, so their results stay bitwise identical.
+    meaningless) result there, which the caller then clears; its gradient is
+    cleared with it, so which keys are admitted does not matter. A float mask
+    admits only its first key: a copy (or nothing) and a write to one column
+    cost less than an elementwise pass that rewrites every entry. A boolean mask
+    admits every key, in one logical op (ONNX Runtime has no boolean Where, so
+    a column write would not export). Rows not flagged are copied unchanged, so
+    their results stay bitwise identical.
     """
     flagged = rows if keepdim else rows.unsqueeze(-1)
     if mask.dtype == torch.bool:
         return mask & flagged.logical_not() if drop else mask | flagged
-    return mask.masked_fill(flagged, 0.0)
+    safe = mask if in_place else mask.clone()
+    safe[..., :1].masked_fill_(flagged, 0.0)
+    return safe
 
 
 def clear_rows(out: Tensor, rows: Tensor, fill: Tensor | None = None, *, keepdim: bool = False) -> Tensor:
@@ -92,9 +102,9 @@ def clear_rows(out: Tensor, rows: Tensor, fill: Tensor | None = None, *, keepdim
     the cleared rows, so they contribute nothing to any gradient upstream.
     """
     flagged = rows if keepdim else rows.unsqueeze(-1)
-    if fill is None:
-        return out.masked_fill(flagged, 0.0)
-    return torch.where(flagged, fill.to(out.dtype), out)
+    # where, not masked_fill: out of place, masked_fill is a copy and then a pass
+    # (and so is its backward); where is one pass each way.
+    return torch.where(flagged, 0.0 if fill is None else fill.to(out.dtype), out)
 
 
 def clear_result_rows(out: Tensor, rows: Tensor, fill: Tensor | None = None, *, keepdim: bool = False) -> Tensor:
@@ -125,7 +135,7 @@ _UNBUILT = object()
 
 
 def rows_and_safe_mask(
-    mask: Tensor, *, drop: bool = False, admit: bool = True, keepdim: bool = False
+    mask: Tensor, *, drop: bool = False, admit: bool = True, keepdim: bool = False, in_place: bool = False
 ) -> tuple[Tensor, Tensor | None]:
     """``fully_masked_rows(mask)`` and ``admit_rows(mask, rows)``; the safe mask is
     ``None`` when the rows could be looked at (``may_inspect_values``) and none is
@@ -136,6 +146,10 @@ def rows_and_safe_mask(
     stays in that row, which the caller overwrites, so the kernel gets ``mask``
     itself and no safe mask (a pass over the whole mask) is built.
 
+    ``in_place=True`` is for a mask that only the caller's callee holds (one
+    ``nn.MultiheadAttention`` built during the call): the safe mask is the mask
+    itself, changed in place, which saves a copy of the whole mask.
+
     The answer for the last mask seen is kept, keyed on the tensor's identity and
     its version counter (bumped by every in-place change), and the mask itself
     is only weakly held. Not cached: tensor subclasses, masks that require grad
@@ -143,7 +157,8 @@ def rows_and_safe_mask(
     counter) and anything while torch.compile traces.
     """
     cacheable = (
-        type(mask) is torch.Tensor
+        not in_place
+        and type(mask) is torch.Tensor
         and not mask.requires_grad
         and not mask.is_inference()
         and not torch.compiler.is_compiling()
@@ -160,7 +175,7 @@ def rows_and_safe_mask(
     if safe is None or not admit:
         return rows, None if safe is None else mask
     if safe is _UNBUILT:
-        safe = entry[3] = admit_rows(mask, rows, drop=drop, keepdim=keepdim)
+        safe = entry[3] = admit_rows(mask, rows, drop=drop, keepdim=keepdim, in_place=in_place)
     return rows, safe
 
 

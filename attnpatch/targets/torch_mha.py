@@ -20,6 +20,7 @@ module classes themselves are never touched):
 
 from __future__ import annotations
 
+import contextvars
 import types
 from typing import Any, Callable
 
@@ -34,13 +35,42 @@ from attnpatch.targets import torch_sdpa
 
 MASK, NEED_WEIGHTS, AVERAGE, MASK_TYPE = 9, 10, 11, 12  # _native_multi_head_attention
 PROJ_BIAS = 8
+MHA_KEY_PADDING_MASK, MHA_ATTN_MASK = 14, 16  # multi_head_attention_forward
+
+
+# Storages of the masks the caller of the running nn.MultiheadAttention call
+# passed (None outside one): a mask MHA hands to SDPA that shares none of them is
+# one MHA built during the call (merged from both masks, or converted from bool).
+_callers_mask_storages: contextvars.ContextVar[frozenset[int] | None] = contextvars.ContextVar(
+    "attnpatch_mha_callers_mask_storages", default=None
+)
 
 
 def _sanitised_sdpa(*args: Any, **kwargs: Any) -> Tensor:
-    current = F.scaled_dot_product_attention
-    if torch_sdpa.POINT.handle is not None and current is torch_sdpa.POINT.handle:
-        return current(*args, **kwargs)  # the sdpa target already sanitises
-    return torch_sdpa.safe_sdpa(current, args, kwargs)
+    kernel = F.scaled_dot_product_attention
+    if torch_sdpa.POINT.handle is not None and kernel is torch_sdpa.POINT.handle:
+        kernel = kernel.__wrapped__  # the sdpa target's own wrapper would fix it again
+    mask = get_arg(args, kwargs, 3, "attn_mask")
+    return torch_sdpa.safe_sdpa(kernel, args, kwargs, mask_is_own=_built_by_mha(mask))
+
+
+def _built_by_mha(mask: Any) -> bool:
+    """Whether ``mask`` is a temporary MHA built during this call, which no one
+    else holds: making it safe in place then saves a copy of a (B, H, L, S) mask."""
+    callers = _callers_mask_storages.get()
+    return (
+        callers is not None
+        and type(mask) is Tensor
+        and not mask.requires_grad
+        and not torch.compiler.is_compiling()
+        and mask.untyped_storage().data_ptr() not in callers
+    )
+
+
+def _mask_storages(args: tuple, kwargs: dict) -> frozenset[int]:
+    masks_given = (get_arg(args, kwargs, i, name) for i, name in ((MHA_KEY_PADDING_MASK, "key_padding_mask"),
+                                                                   (MHA_ATTN_MASK, "attn_mask")))
+    return frozenset(m.untyped_storage().data_ptr() for m in masks_given if isinstance(m, Tensor))
 
 
 _safe_mha_forward: Callable[..., Any] | None = None  # the copy, built at install time
@@ -75,7 +105,13 @@ def _mha_forward_wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple
         # The original hands the call to the handlers with func =
         # F.multi_head_attention_forward (this wrapper), as without attnpatch.
         return wrapped(*args, **kwargs)
-    return _safe_mha_forward(*args, **kwargs)
+    if torch.compiler.is_compiling():
+        return _safe_mha_forward(*args, **kwargs)
+    token = _callers_mask_storages.set(_mask_storages(args, kwargs))
+    try:
+        return _safe_mha_forward(*args, **kwargs)
+    finally:
+        _callers_mask_storages.reset(token)
 
 
 def _native_mha_wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple, kwargs: dict) -> Any:

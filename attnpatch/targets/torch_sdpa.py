@@ -80,8 +80,11 @@ def _kernel_is_safe(sdpa: Callable[..., Tensor], query: Any) -> bool:
     return safe
 
 
-def safe_sdpa(sdpa: Callable[..., Tensor], args: tuple, kwargs: dict) -> Any:
-    """Call ``sdpa(*args, **kwargs)`` so that fully masked query rows give 0."""
+def safe_sdpa(sdpa: Callable[..., Tensor], args: tuple, kwargs: dict, *, mask_is_own: bool = False) -> Any:
+    """Call ``sdpa(*args, **kwargs)`` so that fully masked query rows give 0.
+
+    ``mask_is_own``: the mask is a temporary of the calling PyTorch function,
+    held by no user, so it may be made safe in place."""
     if overrides_engaged(args, kwargs):
         return _lower_right_bias_rows_cleared(sdpa(*args, **kwargs), args, kwargs)
     mask = get_arg(args, kwargs, ATTN_MASK, "attn_mask")
@@ -101,7 +104,7 @@ def safe_sdpa(sdpa: Callable[..., Tensor], args: tuple, kwargs: dict) -> Any:
         backward = torch.is_grad_enabled() and any(
             isinstance(t, Tensor) and t.requires_grad for t in (query, key, value, mask)
         )
-        rows, kernel_mask = masks.rows_and_safe_mask(mask, admit=backward, keepdim=True)
+        rows, kernel_mask = masks.rows_and_safe_mask(mask, admit=backward, keepdim=True, in_place=mask_is_own)
         if kernel_mask is None:
             return sdpa(*args, **kwargs)  # common case on CPU: nothing to fix
         if kernel_mask is not mask:
