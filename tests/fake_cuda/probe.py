@@ -132,6 +132,22 @@ def fake_mode() -> FakeTensorMode:
     return FakeTensorMode()
 
 
+# The two ways a case takes attnpatch's CUDA branch without a GPU. Some torch
+# releases cannot run a call on fake CUDA tensors at all (a CUDA build without a
+# driver initialises CUDA for some of their ops), so each case runs both ways:
+# where the fake one skips, the real one still covers the target.
+BRANCHES = ["fake-cuda", "cpu-general-path"]
+
+
+@contextlib.contextmanager
+def cuda_branch(branch: str) -> Iterator[str]:
+    """``branch`` of ``BRANCHES``: fake tensors (make them on "cuda"), or real CPU
+    tensors with the general path forced, where every aten op that runs is the
+    real one. Yields the device to make the case's tensors on."""
+    with (fake_mode() if branch == "fake-cuda" else general_path()):
+        yield "cuda" if branch == "fake-cuda" else "cpu"
+
+
 def fake_like(module: torch.nn.Module, device: str, *, requires_grad: bool = False) -> dict[str, torch.Tensor]:
     """Fake tensors on ``device`` for every parameter (requiring grad if asked) and
     buffer of ``module`` (call inside a FakeTensorMode), for ``torch.func.functional_call``."""
