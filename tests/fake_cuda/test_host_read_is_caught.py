@@ -32,10 +32,14 @@ def _plant_item(monkeypatch):
 
 
 def _plant_boolean_index(monkeypatch):
-    """A boolean index (a hidden nonzero()) where the output is cleared."""
+    """A boolean index where the output is cleared, read then written: the size
+    of ``out[flagged]`` is the number of flagged rows, a hidden nonzero() on any
+    torch. (Writing a scalar alone, ``out[flagged] = 0.0``, is no host read on
+    torch 2.15, which runs it as masked_fill_.)"""
 
     def clear(out, rows, fill=None, keepdim=False):
-        out[(rows[..., 0] if keepdim else rows).expand(out.shape[:-1])] = 0.0
+        flagged = (rows[..., 0] if keepdim else rows).expand(out.shape[:-1])
+        out[flagged] = torch.zeros_like(out[flagged])
         return out
 
     monkeypatch.setattr(masks, "clear_result_rows", clear)
