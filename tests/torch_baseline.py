@@ -41,5 +41,8 @@ def unpatched_or_skip(run, what):
 
 
 def _describe(error):
-    first_line = (str(error).strip().splitlines() or [""])[0][:200]
-    return f"{type(error).__name__}: {first_line}"
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()] or [""]
+    # A wrapper's first line can be a mere heading ("backend='inductor' raised:"):
+    # the cause is on the next one.
+    first_line = " ".join(lines[:2]) if lines[0].endswith(":") else lines[0]
+    return f"{type(error).__name__}: {first_line[:200]}"

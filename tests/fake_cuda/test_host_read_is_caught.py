@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from attnpatch import masks
 
-from .probe import assert_no_new_host_reads, fake_mode, general_path
+from .probe import BRANCHES, assert_no_new_host_reads, cuda_branch, fake_mode, general_path
 
 
 def _sdpa_call(device):
@@ -32,17 +32,21 @@ def _plant_item(monkeypatch):
 
 
 def _plant_boolean_index(monkeypatch):
-    """A boolean index (a hidden nonzero()) where the output is cleared."""
+    """A boolean index where the output is cleared, read then written: the size
+    of ``out[flagged]`` is the number of flagged rows, a hidden nonzero() on any
+    torch. (Writing a scalar alone, ``out[flagged] = 0.0``, is no host read on
+    torch 2.15, which runs it as masked_fill_.)"""
 
     def clear(out, rows, fill=None, keepdim=False):
-        out[(rows[..., 0] if keepdim else rows).expand(out.shape[:-1])] = 0.0
+        flagged = (rows[..., 0] if keepdim else rows).expand(out.shape[:-1])
+        out[flagged] = torch.zeros_like(out[flagged])
         return out
 
     monkeypatch.setattr(masks, "clear_result_rows", clear)
 
 
 @pytest.mark.parametrize("plant", [_plant_item, _plant_boolean_index], ids=["item", "boolean-index"])
-@pytest.mark.parametrize("device", ["fake-cuda", "cpu-general-path"])
+@pytest.mark.parametrize("device", BRANCHES)
 def test_check_fails_on_a_host_read(monkeypatch, plant, device):
     if device == "fake-cuda":
         with fake_mode():
@@ -62,12 +66,14 @@ def test_check_fails_on_a_host_read(monkeypatch, plant, device):
         assert "added host reads" in str(failure.value)
 
 
-def test_check_fails_when_the_fix_falls_back(monkeypatch):
+@pytest.mark.parametrize("branch", BRANCHES)
+def test_check_fails_when_the_fix_falls_back(monkeypatch, branch):
     def broken(*args, **kwargs):
         raise RuntimeError("e.g. an op the device does not support")
 
-    with fake_mode():
-        run = _sdpa_call("cuda")
+    with cuda_branch(branch) as device:
+        run = _sdpa_call(device)
+        assert_no_new_host_reads(run, "sdpa")  # the fix runs before breaking it
         monkeypatch.setattr(masks, "fully_masked_rows", broken)
         with pytest.raises(AssertionError, match="did not run"):
             assert_no_new_host_reads(run, "sdpa")

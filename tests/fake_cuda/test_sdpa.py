@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from .probe import assert_no_new_host_reads, fake_mode, general_path
+from .probe import BRANCHES, assert_no_new_host_reads, cuda_branch, fake_mode, general_path
 
 B, H, L, S, D = 2, 4, 5, 6, 8
 MASK_SHAPES = [(L, S), (1, S), (H, L, S), (B, 1, L, S), (B, H, L, S), (1, H, 1, S), (B, 1, 1, S), (1, 1, L, S)]
@@ -24,21 +24,23 @@ def _mask(shape, kind, device, dtype):
 @pytest.mark.parametrize("kind", ["bool", "float", "expanded"])
 @pytest.mark.parametrize("shape", MASK_SHAPES, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-def test_fake_cuda_forward(shape, kind, dtype):
-    with fake_mode():
-        q = torch.randn(B, H, L, D, device="cuda", dtype=dtype)
-        k, v = (torch.randn(B, H, S, D, device="cuda", dtype=dtype) for _ in range(2))
-        mask = _mask(shape, kind, "cuda", dtype)
+@pytest.mark.parametrize("branch", BRANCHES)
+def test_forward(branch, shape, kind, dtype):
+    with cuda_branch(branch) as device:
+        q = torch.randn(B, H, L, D, device=device, dtype=dtype)
+        k, v = (torch.randn(B, H, S, D, device=device, dtype=dtype) for _ in range(2))
+        mask = _mask(shape, kind, device, dtype)
         assert_no_new_host_reads(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask), "sdpa")
 
 
 @pytest.mark.parametrize("call", ["positional", "gqa", "scale+dropout"])
-def test_fake_cuda_call_shapes(call):
-    with fake_mode():
-        q = torch.randn(B, H, L, D, device="cuda")
+@pytest.mark.parametrize("branch", BRANCHES)
+def test_call_shapes(branch, call):
+    with cuda_branch(branch) as device:
+        q = torch.randn(B, H, L, D, device=device)
         kv_heads = 2 if call == "gqa" else H
-        k, v = (torch.randn(B, kv_heads, S, D, device="cuda") for _ in range(2))
-        mask = _mask((B, 1, L, S), "bool", "cuda", None)
+        k, v = (torch.randn(B, kv_heads, S, D, device=device) for _ in range(2))
+        mask = _mask((B, 1, L, S), "bool", device, None)
         run = {
             "positional": lambda: F.scaled_dot_product_attention(q, k, v, mask, 0.0, False),
             "gqa": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True),

@@ -1,12 +1,13 @@
 """Targets mha and transformer on their CUDA branch: nn.MultiheadAttention on
 every path (the Python path with and without weights, the native fast path) and
-the fused encoder layer. Modules run on fake parameters via functional_call."""
+the fused encoder layer. Modules run via functional_call, on fake parameters
+or (the CPU general path) on their own, detached."""
 
 import pytest
 import torch
 import torch.nn as nn
 
-from .probe import assert_no_new_host_reads, fake_like, fake_mode, general_path
+from .probe import BRANCHES, assert_no_new_host_reads, cuda_branch, fake_like, fake_mode, general_path
 
 B, L, E, H = 2, 5, 16, 2
 NATIVE_MHA = "aten._native_multi_head_attention.default"
@@ -41,14 +42,21 @@ def _mha_call(module, params, x, kind, need_weights, device):
     )
 
 
+def _params(module, device):
+    """Fake parameters and buffers on fake CUDA; the module's own, detached (so
+    that no grad keeps the fast path away), on the CPU general path."""
+    return fake_like(module, device) if device == "cuda" else module.state_dict()
+
+
 @pytest.mark.parametrize("kind", [kind for kind in KINDS if not kind.startswith("float")])  # float masks leave the fast path
 @pytest.mark.parametrize("need_weights", [True, False])
-def test_mha_fast_path_on_fake_cuda(kind, need_weights):
+@pytest.mark.parametrize("branch", BRANCHES)
+def test_mha_fast_path(branch, kind, need_weights):
     module = nn.MultiheadAttention(E, H, batch_first=True).eval()
-    with fake_mode():
-        params = fake_like(module, "cuda")
-        x = torch.randn(B, L, E, device="cuda")
-        unpatched, patched = assert_no_new_host_reads(_mha_call(module, params, x, kind, need_weights, "cuda"), "mha,sdpa")
+    with cuda_branch(branch) as device:
+        params = _params(module, device)
+        x = torch.randn(B, L, E, device=device)
+        unpatched, patched = assert_no_new_host_reads(_mha_call(module, params, x, kind, need_weights, device), "mha,sdpa")
     assert NATIVE_MHA in patched.ops
 
 
@@ -76,12 +84,13 @@ def test_mha_python_path_on_fake_tensors(kind, need_weights, train):
 
 
 @pytest.mark.parametrize("kind", ["padding", "causal", "padding+causal"])
-def test_encoder_layer_fused_kernel_on_fake_cuda(kind):
+@pytest.mark.parametrize("branch", BRANCHES)
+def test_encoder_layer_fused_kernel(branch, kind):
     layer = nn.TransformerEncoderLayer(E, H, 32, dropout=0.0, batch_first=True).eval()
-    with fake_mode():
-        params = fake_like(layer, "cuda")
-        x = torch.randn(B, L, E, device="cuda")
-        pad, causal = _masks(kind, "cuda")
+    with cuda_branch(branch) as device:
+        params = _params(layer, device)
+        x = torch.randn(B, L, E, device=device)
+        pad, causal = _masks(kind, device)
         run = lambda: torch.func.functional_call(layer, params, (x,), dict(src_mask=causal, src_key_padding_mask=pad))  # noqa: E731
         with torch.no_grad():
             unpatched, patched = assert_no_new_host_reads(run, "transformer")
