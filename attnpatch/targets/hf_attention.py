@@ -8,9 +8,11 @@ an attention *function*, looked up at call time:
   ``AttentionInterface._global_mapping`` in ``transformers.modeling_utils``, shared
   by every model. We replace the entries (not the module-level function names:
   the dict already holds the function objects). A fully masked query row (a left
-  pad) is given every key, so any kernel computes something finite there, and its
-  output row is then set to exactly 0. Flex with a ``BlockMask`` (what
-  transformers builds for it) already gives 0 there and passes through.
+  pad) is given a key, so any kernel computes something finite there, and its
+  output row is then set to exactly 0. A boolean mask passes through when the
+  SDPA call it leads to is fixed anyway (attnpatch's ``sdpa`` target, or
+  torch's CPU kernel). Flex with a ``BlockMask`` (what transformers builds for
+  it) already gives 0 there and passes through.
 * ``eager``: the module-level ``eager_attention_forward`` of every model file
   (``transformers.models.*.modeling_*``), found as transformers imports it
   (``PointFamily``), among them Llama's and Qwen2's. Those of Llama's shape
@@ -64,8 +66,8 @@ def _zero_padded_rows(point: PlainFunctionPoint) -> Callable[..., Any]:
             return wrapped(*args, **kwargs)  # no mask, a BlockMask (already safe), or a subclass's call
         if not (mask.dtype == torch.bool or mask.is_floating_point()) or mask.shape[-1] == 0:
             return wrapped(*args, **kwargs)
-        if point.key == "sdpa" and mask.dtype == torch.bool and _reaches_safe_kernel(get_arg(args, kwargs, 1, "query")):
-            return wrapped(*args, **kwargs)  # torch's CPU kernel already gives these rows 0
+        if point.key == "sdpa" and mask.dtype == torch.bool and _sdpa_fixes_it(get_arg(args, kwargs, 1, "query")):
+            return wrapped(*args, **kwargs)  # the SDPA call it makes gives these rows 0
         rows = masks.hf_fully_masked_rows(mask)  # (B, H or 1, L)
         if masks.may_inspect_values(mask) and not rows.any():
             return wrapped(*args, **kwargs)  # common case on CPU: nothing to fix
@@ -76,13 +78,15 @@ def _zero_padded_rows(point: PlainFunctionPoint) -> Callable[..., Any]:
     return wrapper
 
 
-def _reaches_safe_kernel(query: Any) -> bool:
-    """Whether transformers' sdpa function will land in torch's own CPU kernel,
-    which gives an all-False row output 0 (``torch_sdpa`` checks that once per
-    dtype), directly or through attnpatch's own ``sdpa`` wrapper."""
+def _sdpa_fixes_it(query: Any) -> bool:
+    """Whether the SDPA call transformers' sdpa function makes gives an all-False
+    row output 0 by itself: attnpatch's own ``sdpa`` target is installed (the
+    same fix one call down; doing it here too would double its passes), or the
+    call lands in torch's CPU kernel, known safe (``torch_sdpa`` checks that once
+    per dtype)."""
     kernel = F.scaled_dot_product_attention
     if torch_sdpa.POINT.handle is not None and kernel is torch_sdpa.POINT.handle:
-        kernel = kernel.__wrapped__
+        return True
     return torch_sdpa._kernel_is_safe(kernel, query)
 
 
