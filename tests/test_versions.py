@@ -72,6 +72,7 @@ def test_wrapt_floor_is_the_oldest_release_the_matrix_passed(data, requirements)
 
 def test_make_test_edges_runs_the_oldest_and_newest_entries():
     makefile = (versions.ROOT / "Makefile").read_text()
+    assert "\ntest: test-main test-hf4 test-edges\n" in makefile  # CI runs `make test`
     line = next(line for line in makefile.splitlines() if line.startswith("EDGE_ENTRIES :="))
     for torch_minor, transformers_minor in (versions.matrix_entries()[0], versions.matrix_entries()[-1]):
         assert f"\"tests(torch='{torch_minor}', transformers='{transformers_minor}')\"" in line
