@@ -12,7 +12,7 @@ module classes themselves are never touched):
   row, even in only some heads, then has weights 0 and attention output 0, so
   the returned row is ``out_proj(0)``: its bias.
 * ``torch._native_multi_head_attention`` (the inference fast path). The kernel
-  gets a mask whose fully masked rows admit every key; those output rows are then
+  gets a mask whose fully masked rows admit a key; those output rows are then
   set to ``out_proj.bias`` and their weight rows to 0. Rows masked in only some
   heads (possible with a per-head 3-D ``attn_mask``) cannot be fixed from outside
   the fused kernel, so they alone are recomputed on the Python path above.

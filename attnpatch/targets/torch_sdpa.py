@@ -5,7 +5,7 @@ Knows torch 2.5 - 2.15 (signature ``query, key, value, attn_mask, dropout_p,
 is_causal, scale, enable_gqa``). ``is_causal`` alone never masks a whole row, so
 only calls with an ``attn_mask`` are touched: their fully masked output rows are
 set to exactly 0. When a backward will run through the call, those rows are
-first given every key (finite softmax in any kernel, so no 0 * NaN reaches the
+first given a key (finite softmax in any kernel, so no 0 * NaN reaches the
 key and value gradients); without one, the kernel keeps the caller's mask, as
 every SDPA kernel computes a row from that row alone.
 
