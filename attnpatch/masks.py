@@ -41,13 +41,27 @@ def fully_masked_rows(mask: Tensor, *, drop: bool = False, keepdim: bool = False
             # 0x01010101, the largest word a bool row can hold.
             words = mask.view(torch.int32)
             return words.amin(-1, keepdim) == _ALL_TRUE_WORD if drop else words.amax(-1, keepdim) == 0
-        if mask.shape[-1] == 0:
-            return mask.all(-1, keepdim) if drop else mask.any(-1, keepdim).logical_not()  # empty rows: all() is True
-        # logical_not, not ~: torch's Python binding of ~ wants a real device, so it
-        # fails on fake CUDA tensors (the tests' stand-in for a GPU).
+        # amax/amin over bool run about 4x faster than any/all on CPU (see
+        # _common_ops_only for where they cannot run). Empty rows: all() is True.
+        # logical_not, not ~: torch's Python binding of ~ wants a real device, so
+        # it fails on fake CUDA tensors (the tests' stand-in for a GPU).
+        if mask.shape[-1] == 0 or _common_ops_only(mask):
+            return mask.all(-1, keepdim) if drop else mask.any(-1, keepdim).logical_not()
         return mask.amin(-1, keepdim) if drop else mask.amax(-1, keepdim).logical_not()
+    if _common_ops_only(mask):
+        return (mask == NEG_INF).all(-1, keepdim)
     # One reduction pass; amax propagates NaN and NaN == -inf is False.
     return mask.amax(-1, keepdim) == NEG_INF
+
+
+def _common_ops_only(tensor: Tensor) -> bool:
+    """Whether ``tensor`` gets only the ops every supported torch can run on it:
+    a tensor subclass (a DTensor, whose ops need sharding rules: torch 2.5 has
+    none for ``amax``/``amin`` or an in-place ``masked_fill_``; the functional
+    and fake tensors of AOT tracing) or anything while dynamo traces (inductor
+    in torch 2.5 cannot lower ``amax`` over bool). Plain tensors in eager
+    get the faster formulations."""
+    return type(tensor) is not torch.Tensor or torch.compiler.is_compiling()
 
 
 _ALL_TRUE_WORD = 0x01010101
@@ -56,11 +70,11 @@ _WORDS_FROM = 1 << 16  # bytes: below this, one op fewer beats the faster reduct
 
 def _packs_into_int32(mask: Tensor) -> bool:
     """Whether ``mask.view(torch.int32)`` is allowed and pays: rows of whole,
-    aligned words in a mask large enough. Never while dynamo traces:
-    ``storage_offset()`` breaks its graph, and compiled code does not need the
-    eager speed-up."""
+    aligned words in a mask large enough, for plain tensors in eager only
+    (``storage_offset()`` breaks dynamo's graph, and inductor in torch 2.5
+    cannot lower a dtype view of bool)."""
     return (
-        not torch.compiler.is_compiling()
+        not _common_ops_only(mask)
         and mask.dim() > 0
         and mask.numel() >= _WORDS_FROM
         and mask.shape[-1] % 4 == 0
@@ -89,6 +103,8 @@ def admit_rows(
     flagged = rows if keepdim else rows.unsqueeze(-1)
     if mask.dtype == torch.bool:
         return mask & flagged.logical_not() if drop else mask | flagged
+    if _common_ops_only(mask):
+        return mask.masked_fill(flagged, 0.0)
     safe = mask if in_place else mask.clone()
     safe[..., :1].masked_fill_(flagged, 0.0)
     return safe
@@ -102,9 +118,11 @@ def clear_rows(out: Tensor, rows: Tensor, fill: Tensor | None = None, *, keepdim
     the cleared rows, so they contribute nothing to any gradient upstream.
     """
     flagged = rows if keepdim else rows.unsqueeze(-1)
-    # where, not masked_fill: out of place, masked_fill is a copy and then a pass
-    # (and so is its backward); where is one pass each way.
-    return torch.where(flagged, 0.0 if fill is None else fill.to(out.dtype), out)
+    if fill is None:
+        # masked_fill, not where: a DTensor result keeps ``out``'s placement (on
+        # torch 2.6 a where follows its replicated condition and gathers ``out``).
+        return out.masked_fill(flagged, 0.0)
+    return torch.where(flagged, fill.to(out.dtype), out)
 
 
 def clear_result_rows(out: Tensor, rows: Tensor, fill: Tensor | None = None, *, keepdim: bool = False) -> Tensor:
@@ -112,7 +130,7 @@ def clear_result_rows(out: Tensor, rows: Tensor, fill: Tensor | None = None, *, 
     output): in place when autograd is not recording it, which saves a copy of
     the whole output. With autograd recording, the kernel may have saved ``out``
     for its backward, so it is cleared out of place."""
-    if out.requires_grad and torch.is_grad_enabled():
+    if (out.requires_grad and torch.is_grad_enabled()) or type(out) is not torch.Tensor:
         return clear_rows(out, rows, fill, keepdim=keepdim)
     if may_inspect_values(out):
         # On CPU a boolean index writes just the flagged rows (given a whole row
@@ -330,8 +348,11 @@ def hf_fully_masked_rows(mask: Tensor) -> Tensor:
     finite value: for transformers both mean "this key is masked"."""
     if mask.dtype == torch.bool:
         return fully_masked_rows(mask)
+    lowest = torch.finfo(mask.dtype).min
+    if _common_ops_only(mask):
+        return (mask <= lowest).all(-1)
     # amax propagates NaN, and NaN <= lowest is False: a NaN row stays as it is.
-    return mask.amax(-1) <= torch.finfo(mask.dtype).min
+    return mask.amax(-1) <= lowest
 
 
 def right_padding_lengths(attention_mask: Tensor) -> Tensor | None:

@@ -8,9 +8,9 @@ import torch
 import attnpatch
 
 
-def compiled_under_patch(compile_and_run):
+def compiled_under_patch(compile_and_run, targets=None):
     """``compile_and_run()`` (it compiles with ``fullgraph=True`` and calls the
-    result) with attnpatch on, and what it returns.
+    result) with attnpatch on (``targets``: those only), and what it returns.
 
     Where that raises, it runs again with attnpatch off: if this torch cannot
     compile the case on its own either, the test skips and says so (there is
@@ -18,7 +18,7 @@ def compiled_under_patch(compile_and_run):
     raised."""
     torch._dynamo.reset()
     try:
-        with attnpatch.patched():
+        with attnpatch.patched(targets):
             return compile_and_run()
     except Exception as patched_error:
         torch._dynamo.reset()

@@ -62,15 +62,27 @@ def _built_by_mha(mask: Any) -> bool:
         callers is not None
         and type(mask) is Tensor
         and not mask.requires_grad
+        and not mask.is_meta
         and not torch.compiler.is_compiling()
         and mask.untyped_storage().data_ptr() not in callers
     )
 
 
-def _mask_storages(args: tuple, kwargs: dict) -> frozenset[int]:
-    masks_given = (get_arg(args, kwargs, i, name) for i, name in ((MHA_KEY_PADDING_MASK, "key_padding_mask"),
-                                                                   (MHA_ATTN_MASK, "attn_mask")))
-    return frozenset(m.untyped_storage().data_ptr() for m in masks_given if isinstance(m, Tensor))
+def _mask_storages(args: tuple, kwargs: dict) -> frozenset[int] | None:
+    """Where the masks the caller passed keep their data; None when one of them
+    has no data to point at (fake, functional or meta tensors: tracing, where
+    dynamo also runs this call on fake tensors) or is a subclass."""
+    if torch.compiler.is_compiling():
+        return None
+    storages = set()
+    for index, name in ((MHA_KEY_PADDING_MASK, "key_padding_mask"), (MHA_ATTN_MASK, "attn_mask")):
+        mask = get_arg(args, kwargs, index, name)
+        if mask is None:
+            continue
+        if type(mask) is not Tensor or mask.is_meta:
+            return None
+        storages.add(mask.untyped_storage().data_ptr())
+    return frozenset(storages)
 
 
 _safe_mha_forward: Callable[..., Any] | None = None  # the copy, built at install time
@@ -105,9 +117,10 @@ def _mha_forward_wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple
         # The original hands the call to the handlers with func =
         # F.multi_head_attention_forward (this wrapper), as without attnpatch.
         return wrapped(*args, **kwargs)
-    if torch.compiler.is_compiling():
+    storages = _mask_storages(args, kwargs)
+    if storages is None:
         return _safe_mha_forward(*args, **kwargs)
-    token = _callers_mask_storages.set(_mask_storages(args, kwargs))
+    token = _callers_mask_storages.set(storages)
     try:
         return _safe_mha_forward(*args, **kwargs)
     finally:

@@ -8,7 +8,7 @@ rows where that is so; where torch's own CPU kernel already gives 0, the test
 says so.
 
 While exporting, attnpatch never looks at values (``may_inspect_values`` is False
-under tracing), so the fix is traced into the graph as ordinary ops (``amax``,
+under tracing), so the fix is traced into the graph as ordinary ops (``any``/``all``,
 ``masked_fill``, ``aten._safe_softmax``), also where eager CPU calls pass straight
 through to torch's own safe kernel: the exported program is safe on any runtime.
 """
@@ -31,7 +31,7 @@ from tests.core.helpers import causal_drop_mask, left_padded_keep_mask, left_pad
 
 B, L, E, H = 2, 5, 16, 2
 LENGTHS = [3, 5]  # batch 0 is left-padded by 2
-FIX_OPS = ("amax", "amin", "_safe_softmax")  # what the fix adds to a graph
+FIX_OPS = ("amax", "amin", "any", "all", "_safe_softmax")  # what the fix adds to a graph
 
 
 class SDPA(nn.Module):

@@ -12,6 +12,7 @@ import transformers
 
 import attnpatch
 from tests.hf.helpers import left_padded, tiny_causal_lm
+from tests.torch_baseline import compiled_under_patch
 
 # Beyond Llama and Qwen2 (tests/hf/test_attention.py). Mixture-of-experts models
 # are left out on purpose: their expert kernels batch tokens by route, so
@@ -124,8 +125,11 @@ def test_compiled_model_of_a_found_module():
     model = tiny_causal_lm("gpt_neox", "eager")
     with attnpatch.patched("hf_attention"):
         reference = model(input_ids=IDS, attention_mask=MASK, output_attentions=True)
-        compiled = torch.compile(model, fullgraph=True, backend="eager")
-        out = compiled(input_ids=IDS, attention_mask=MASK, output_attentions=True)
-    torch._dynamo.reset()
+    out = compiled_under_patch(
+        lambda: torch.compile(model, fullgraph=True, backend="eager")(
+            input_ids=IDS, attention_mask=MASK, output_attentions=True
+        ),
+        "hf_attention",
+    )
     torch.testing.assert_close(out.logits, reference.logits)
     assert torch.equal(pad_weight_rows(out), torch.zeros_like(pad_weight_rows(out)))

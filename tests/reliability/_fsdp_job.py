@@ -60,7 +60,10 @@ def probe() -> dict:
 
 def worker(rank: int, out_dir: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:  # before torch 2.6, FSDP2 lived here
+        from torch.distributed._composable.fsdp import fully_shard
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=WORLD)
