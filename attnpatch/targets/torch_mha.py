@@ -50,20 +50,20 @@ def _sanitised_sdpa(*args: Any, **kwargs: Any) -> Tensor:
     kernel = F.scaled_dot_product_attention
     if torch_sdpa.POINT.handle is not None and kernel is torch_sdpa.POINT.handle:
         kernel = kernel.__wrapped__  # the sdpa target's own wrapper would fix it again
-    mask = get_arg(args, kwargs, 3, "attn_mask")
+    mask = get_arg(args, kwargs, torch_sdpa.ATTN_MASK, "attn_mask")
     return torch_sdpa.safe_sdpa(kernel, args, kwargs, mask_is_own=_built_by_mha(mask))
 
 
 def _built_by_mha(mask: Any) -> bool:
     """Whether ``mask`` is a temporary MHA built during this call, which no one
-    else holds: making it safe in place then saves a copy of a (B, H, L, S) mask."""
+    else holds: making it safe in place then saves a copy of a (B, H, L, S) mask.
+    (Storages are recorded only for eager calls with plain, non-meta masks, and
+    MHA derives its mask from those.)"""
     callers = _callers_mask_storages.get()
     return (
         callers is not None
         and type(mask) is Tensor
         and not mask.requires_grad
-        and not mask.is_meta
-        and not torch.compiler.is_compiling()
         and mask.untyped_storage().data_ptr() not in callers
     )
 
