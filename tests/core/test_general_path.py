@@ -136,3 +136,35 @@ def test_tiny_models_general_path_equals_cpu_path(attn, train):
             return logits, torch.autograd.grad(logits.sum(), list(model.parameters()))
 
     _assert_same(*_both_paths(run))
+
+
+@pytest.mark.parametrize("given", ["attn_mask", "key_padding_mask", "both"])
+def test_mha_training_with_nan_kernel_never_changes_the_callers_masks(monkeypatch, general, given):
+    """MHA's SDPA path (need_weights=False) with a NaN kernel underneath. A mask
+    MHA merges during the call is made safe in place; the caller's own masks,
+    which MHA may hand to SDPA as views, must come back unchanged."""
+    monkeypatch.setattr(F, "scaled_dot_product_attention", naive_sdpa)
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(E, H, batch_first=True, bias=False)
+    x = torch.randn(B, L, E, requires_grad=True)
+    attn = to_float_mask(torch.ones(L, L, dtype=torch.bool).tril(-1)) if given != "key_padding_mask" else None
+    pad = torch.zeros(B, L).masked_fill(left_padding([0, 5] if given == "key_padding_mask" else LENGTHS, L), -torch.inf)
+    pad = pad if given != "attn_mask" else None
+    given_masks = [m for m in (attn, pad) if m is not None]
+    before = [m.clone() for m in given_masks]
+    combined = (attn if attn is not None else 0) + (pad[:, None, :] if pad is not None else torch.zeros(B, 1, L))
+    rows = (combined == -torch.inf).all(-1).expand(B, L)  # queries with no key
+
+    def step():
+        out, _ = mha(x, x, x, key_padding_mask=pad, attn_mask=attn, need_weights=False)
+        grads = torch.autograd.grad(out.sum(), [x, *mha.parameters()])
+        return out, grads
+
+    assert has_nan(*step()[1]), "the stand-in kernel shows the bug"
+    with attnpatch.patched("mha"):
+        out, grads = step()
+    assert rows.any()
+    assert torch.equal(out[rows], torch.zeros_like(out[rows]))  # out_proj(0) without a bias
+    assert not has_nan(out, *grads)
+    for mask, saved in zip(given_masks, before):
+        assert torch.equal(mask, saved), "the caller's mask was changed"
