@@ -12,6 +12,7 @@ tests/test_versions.py checks that all three agree.
 from __future__ import annotations
 
 import datetime
+import fcntl
 import importlib.metadata
 import json
 import platform
@@ -149,11 +150,14 @@ def record(entry: str, junit_xml: Path, seconds: float | None = None) -> dict:
     }
     if seconds is not None:
         result["seconds"] = round(seconds)
-    data = load()
-    data["entries"][entry] = result
-    data["entries"] = dict(sorted(data["entries"].items(), key=lambda item: _entry_key(item[1])))
-    RESULTS_JSON.write_text(json.dumps(data, indent=1) + "\n")
-    render(data)
+    # `make test` runs both edge entries at once: one writer at a time.
+    with RESULTS_JSON.open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        data = load()
+        data["entries"][entry] = result
+        data["entries"] = dict(sorted(data["entries"].items(), key=lambda item: _entry_key(item[1])))
+        RESULTS_JSON.write_text(json.dumps(data, indent=1) + "\n")
+        render(data)
     return result
 
 
