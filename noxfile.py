@@ -45,7 +45,7 @@ def entries():
 def _run_suite(session, entry, *pins):
     # setuptools: torch's inductor needs it, and torch < 2.6 declares it only for
     # Python >= 3.12 (a pip-made venv of an older Python ships it; uv's does not).
-    session.install(*pins, "setuptools", "-e", ".[hf,test]")
+    session.install(*pins, "setuptools", "-e", ".[hf,test,export]")
     junit = Path(session.create_tmp()) / "junit.xml"
     started = time.monotonic()
     # xunit1 reports name each test's file; exit code 1 (failures) is recorded
