@@ -6,7 +6,7 @@ or calls attnpatch to activate it: only ``ATTNPATCH`` in the environment (the
     python _fsdp_job.py OUT_DIR
 
 Writes OUT_DIR/rank{r}.pt per rank and OUT_DIR/single.pt for the same step in
-one process (same data, gradients averaged over the two shards).
+one process (same data, with the two ranks' gradients averaged and summed).
 """
 
 from __future__ import annotations
@@ -85,7 +85,9 @@ def worker(rank: int, out_dir: str) -> None:
 
 
 def single(out_dir: str) -> None:
-    """The same step in one process: FSDP2's reduce-scatter averages the ranks' gradients."""
+    """The same step in one process, and the ranks' gradients combined as FSDP2's
+    reduce-scatter may: their mean (as documented), or their sum (torch 2.7 over
+    gloo, with or without attnpatch)."""
     torch.set_num_threads(1)
     model = make_model()
     losses, per_rank = [], []
@@ -93,8 +95,9 @@ def single(out_dir: str) -> None:
         model.zero_grad()
         losses.append(step(model, rank)[0])
         per_rank.append({name: p.grad.clone() for name, p in model.named_parameters()})
-    grads = {name: (per_rank[0][name] + per_rank[1][name]) / WORLD for name in per_rank[0]}
-    torch.save({"losses": losses, "grads": grads, "probe": probe()}, os.path.join(out_dir, "single.pt"))
+    summed = {name: per_rank[0][name] + per_rank[1][name] for name in per_rank[0]}
+    reductions = {"mean": {name: grad / WORLD for name, grad in summed.items()}, "sum": summed}
+    torch.save({"losses": losses, "reductions": reductions, "probe": probe()}, os.path.join(out_dir, "single.pt"))
 
 
 if __name__ == "__main__":
