@@ -86,7 +86,7 @@ def worker(rank: int, out_dir: str) -> None:
 
 def single(out_dir: str) -> None:
     """The same step in one process, and the ranks' gradients combined as FSDP2's
-    reduce-scatter may: their mean (as documented), or their sum (torch 2.7 over
+    reduce-scatter may: their mean (as documented), or their sum (torch 2.7 and 2.8 over
     gloo, with or without attnpatch)."""
     torch.set_num_threads(1)
     model = make_model()

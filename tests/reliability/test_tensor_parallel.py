@@ -123,7 +123,7 @@ def _reduction(ranks, single):
 def test_fsdp2_training_step_of_a_left_padded_llama(fsdp_steps, activated):
     ranks, single = fsdp_steps[activated]
     # How this torch's FSDP2 combines the ranks' gradients, seen without attnpatch:
-    # their mean, but torch 2.7 over gloo sums them.
+    # their mean, but torch 2.7 and 2.8 over gloo sum them.
     torch_reduction = _reduction(*fsdp_steps[False])
     if torch_reduction is None:
         pytest.skip(f"torch {torch.__version__}'s FSDP2 gradients are neither the mean nor the sum of the "
