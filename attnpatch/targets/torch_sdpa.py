@@ -21,6 +21,7 @@ untouched; the handler's call back comes through here with plain tensors.
 
 from __future__ import annotations
 
+import contextvars
 from typing import Any, Callable
 
 import torch
@@ -34,6 +35,14 @@ from attnpatch.targets import get_arg, overrides_engaged, with_arg
 ATTN_MASK = 3  # positional index of attn_mask
 TORCH_SDPA = torch._C._nn.scaled_dot_product_attention  # the kernel entry point itself
 _safe_cpu_dtypes: dict[torch.dtype, bool] = {}  # decided by _check_cpu_kernels() on first use
+
+# True while the kernel call of a fix is being traced (torch.compile's AOT pass,
+# torch.export). The tracers' torch-function modes hand that call back through
+# the patched name; without this it would be fixed again, once per mode (seen:
+# 3 to 4 copies of the fix per SDPA call in an exported graph).
+_tracing_kernel_call: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "attnpatch_tracing_sdpa_kernel_call", default=False
+)
 
 
 def _check_cpu_kernels(dtype: torch.dtype) -> bool:
@@ -85,6 +94,8 @@ def safe_sdpa(sdpa: Callable[..., Tensor], args: tuple, kwargs: dict, *, mask_is
 
     ``mask_is_own``: the mask is a temporary of the calling PyTorch function,
     held by no user, so it may be made safe in place."""
+    if _tracing_kernel_call.get():
+        return sdpa(*args, **kwargs)  # the traced fix's own kernel call, handed back by a tracer
     if overrides_engaged(args, kwargs):
         return _lower_right_bias_rows_cleared(sdpa(*args, **kwargs), args, kwargs)
     mask = get_arg(args, kwargs, ATTN_MASK, "attn_mask")
@@ -111,7 +122,20 @@ def safe_sdpa(sdpa: Callable[..., Tensor], args: tuple, kwargs: dict, *, mask_is
             args, kwargs = with_arg(args, kwargs, ATTN_MASK, "attn_mask", kernel_mask)
     except Exception:  # noqa: BLE001 - malformed input: let PyTorch raise its own error
         return sdpa(*args, **kwargs)
-    return masks.clear_result_rows(sdpa(*args, **kwargs), rows, keepdim=True)
+    return masks.clear_result_rows(_kernel_call(sdpa, args, kwargs), rows, keepdim=True)
+
+
+def _kernel_call(sdpa: Callable[..., Tensor], args: tuple, kwargs: dict) -> Tensor:
+    # Only a tracer running real Python hands the call back; in eager the flag
+    # would cost a context-variable write per call, and code that dynamo itself
+    # traces symbolically must not touch it.
+    if not torch.compiler.is_compiling() or torch.compiler.is_dynamo_compiling():
+        return sdpa(*args, **kwargs)
+    token = _tracing_kernel_call.set(True)
+    try:
+        return sdpa(*args, **kwargs)
+    finally:
+        _tracing_kernel_call.reset(token)
 
 
 def _lower_right_bias_rows_cleared(out: Any, args: tuple, kwargs: dict) -> Any:

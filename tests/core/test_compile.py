@@ -1,6 +1,8 @@
 """torch.compile(fullgraph=True) of code using the patched ops works and matches
 eager (where the same torch can compile the case without attnpatch)."""
 
+import collections
+
 import pytest
 import torch
 import torch.nn as nn
@@ -73,3 +75,36 @@ def test_mha_fast_path():
     kpm, am = left_padding(LENGTHS, L), causal_drop_mask(L)
     fn = lambda x: mha(x, x, x, key_padding_mask=kpm, attn_mask=am, need_weights=False)[0]  # noqa: E731
     _compiled_equals_eager(fn, torch.randn(B, L, E))
+
+
+def _traced_ops(fn, *args):
+    """How often each aten op occurs in the graph that AOT autograd hands the
+    compiler for ``fn`` (the graph inductor would compile), under attnpatch."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    ops = collections.Counter()
+
+    def count(graph_module, example_inputs):
+        ops.update(str(node.target).split(".")[1] for node in graph_module.graph.nodes if node.op == "call_function"
+                   and str(node.target).startswith("aten."))
+        return graph_module
+
+    compiled_under_patch(lambda: torch.compile(fn, fullgraph=True, backend=aot_autograd(fw_compiler=count))(*args))
+    return ops
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.float32])
+def test_sdpa_fix_is_traced_once(mask_dtype):
+    """One pass over the mask and one over the output per SDPA call. AOT
+    tracing's torch-function mode hands the fix's own kernel call back through
+    the patched SDPA; fixed again there (torch 2.13 does), the graph carried
+    the fix twice."""
+    keep = left_padded_keep_mask(LENGTHS, L)
+    mask = keep if mask_dtype == torch.bool else torch.zeros(keep.shape).masked_fill(~keep, float("-inf"))
+    q = torch.randn(B, H, L, 8)
+    fn = lambda q: F.scaled_dot_product_attention(q, q, q, attn_mask=mask)  # noqa: E731
+    ops = _traced_ops(fn, q)
+    assert sum(ops[name] for name in ("any", "all", "amax", "amin")) == 1, ops
+    assert ops["masked_fill"] == 1, ops
+    _compiled_equals_eager(fn, q)

@@ -15,6 +15,7 @@ through to torch's own safe kernel: the exported program is safe on any runtime.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import logging
@@ -142,9 +143,13 @@ def _export(module, inputs, patched):
         return torch.export.export(module, inputs)
 
 
+def _graph_op_names(program) -> list:
+    return [getattr(node.target, "__name__", str(node.target)).split(".")[0]
+            for node in program.graph.nodes if node.op == "call_function"]
+
+
 def _graph_ops(program) -> set:
-    return {getattr(node.target, "__name__", str(node.target)).split(".")[0]
-            for node in program.graph.nodes if node.op == "call_function"}
+    return set(_graph_op_names(program))
 
 
 def _is_right(out, expected) -> bool:
@@ -163,6 +168,19 @@ def _check_patched(name, out, expected, pad_rows, exact):
     elif name == "mha":  # out_proj(0): the bias
         torch.testing.assert_close(out[pad_rows], module.attn.out_proj.bias.detach().expand_as(out[pad_rows]),
                                    rtol=0, atol=0 if exact else 1e-6)
+
+
+@pytest.mark.parametrize("name", ["sdpa", "encoder", "llama-sdpa"])
+def test_exported_graph_has_the_fix_once_per_sdpa_call(name):
+    """Export's tracing modes hand the fix's own kernel call back through the
+    patched SDPA; fixed again each time, an exported SDPA call carried 3 to 4
+    copies of the fix (torch 2.5: 3, 2.13: 4), each a pass over the mask and
+    one over the output, in torch and in ONNX Runtime."""
+    module, inputs, _, _ = _case(name)
+    ops = collections.Counter(_graph_op_names(_export(module, inputs, patched=True)))
+    calls = sum(count for op, count in ops.items() if "scaled_dot_product" in op)
+    assert calls > 0, ops
+    assert sum(ops[op] for op in ("any", "all", "amax", "amin")) == calls, ops
 
 
 @pytest.mark.parametrize("name", list(CASES))
