@@ -94,13 +94,13 @@ def safe_sdpa(sdpa: Callable[..., Tensor], args: tuple, kwargs: dict, *, mask_is
 
     ``mask_is_own``: the mask is a temporary of the calling PyTorch function,
     held by no user, so it may be made safe in place."""
-    if _tracing_kernel_call.get():
-        return sdpa(*args, **kwargs)  # the traced fix's own kernel call, handed back by a tracer
     if overrides_engaged(args, kwargs):
         return _lower_right_bias_rows_cleared(sdpa(*args, **kwargs), args, kwargs)
     mask = get_arg(args, kwargs, ATTN_MASK, "attn_mask")
     if not isinstance(mask, Tensor) or not (mask.dtype == torch.bool or mask.is_floating_point()):
         return sdpa(*args, **kwargs)  # no mask, or one PyTorch will reject itself
+    if _tracing_kernel_call.get():
+        return sdpa(*args, **kwargs)  # the traced fix's own kernel call, handed back by a tracer
     try:
         query = get_arg(args, kwargs, 0, "query")
         if _kernel_is_safe(sdpa, query):
