@@ -4,6 +4,7 @@ which library versions it knows. Which module owns which target: see
 
 from __future__ import annotations
 
+import contextvars
 import types
 from typing import Any, Callable
 
@@ -29,6 +30,15 @@ def copy_with_globals(function: Callable[..., Any], **overrides: Any) -> Callabl
     copy.__module__ = function.__module__
     copy.__doc__ = function.__doc__
     return copy
+
+
+def call_with(variable: contextvars.ContextVar, value: Any, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``function(*args, **kwargs)`` with ``variable`` set to ``value`` while it runs."""
+    token = variable.set(value)
+    try:
+        return function(*args, **kwargs)
+    finally:
+        variable.reset(token)
 
 
 def with_arg(args: tuple, kwargs: dict, index: int, name: str, value: Any) -> tuple[tuple, dict]:

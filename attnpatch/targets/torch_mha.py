@@ -30,7 +30,7 @@ from torch import Tensor
 
 from attnpatch import masks
 from attnpatch._patching import PatchPoint, Skip
-from attnpatch.targets import copy_with_globals, dispatch_overrides, get_arg, overrides_engaged, with_arg
+from attnpatch.targets import call_with, copy_with_globals, dispatch_overrides, get_arg, overrides_engaged, with_arg
 from attnpatch.targets import torch_sdpa
 
 MASK, NEED_WEIGHTS, AVERAGE, MASK_TYPE = 9, 10, 11, 12  # _native_multi_head_attention
@@ -120,11 +120,7 @@ def _mha_forward_wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple
     storages = _mask_storages(args, kwargs)
     if storages is None:
         return _safe_mha_forward(*args, **kwargs)
-    token = _callers_mask_storages.set(storages)
-    try:
-        return _safe_mha_forward(*args, **kwargs)
-    finally:
-        _callers_mask_storages.reset(token)
+    return call_with(_callers_mask_storages, storages, _safe_mha_forward, *args, **kwargs)
 
 
 def _native_mha_wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple, kwargs: dict) -> Any:

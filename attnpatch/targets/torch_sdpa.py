@@ -30,7 +30,7 @@ from torch.nn.attention.bias import CausalBias, CausalVariant
 
 from attnpatch import masks
 from attnpatch._patching import PatchPoint
-from attnpatch.targets import get_arg, overrides_engaged, with_arg
+from attnpatch.targets import call_with, get_arg, overrides_engaged, with_arg
 
 ATTN_MASK = 3  # positional index of attn_mask
 TORCH_SDPA = torch._C._nn.scaled_dot_product_attention  # the kernel entry point itself
@@ -131,11 +131,7 @@ def _kernel_call(sdpa: Callable[..., Tensor], args: tuple, kwargs: dict) -> Tens
     # traces symbolically must not touch it.
     if not torch.compiler.is_compiling() or torch.compiler.is_dynamo_compiling():
         return sdpa(*args, **kwargs)
-    token = _tracing_kernel_call.set(True)
-    try:
-        return sdpa(*args, **kwargs)
-    finally:
-        _tracing_kernel_call.reset(token)
+    return call_with(_tracing_kernel_call, True, sdpa, *args, **kwargs)
 
 
 def _lower_right_bias_rows_cleared(out: Any, args: tuple, kwargs: dict) -> Any:
