@@ -62,7 +62,7 @@ def _built_by_mha(mask: Any) -> bool:
     callers = _callers_mask_storages.get()
     return (
         callers is not None
-        and type(mask) is Tensor
+        and masks.is_plain(mask)
         and not mask.requires_grad
         and mask.untyped_storage().data_ptr() not in callers
     )
@@ -71,7 +71,8 @@ def _built_by_mha(mask: Any) -> bool:
 def _mask_storages(args: tuple, kwargs: dict) -> frozenset[int] | None:
     """Where the masks the caller passed keep their data; None when one of them
     has no data to point at (fake, functional or meta tensors: tracing, where
-    dynamo also runs this call on fake tensors) or is a subclass."""
+    dynamo also runs this call on fake tensors; a ``torch.func`` transform's
+    wrapper) or is a subclass."""
     if torch.compiler.is_compiling():
         return None
     storages = set()
@@ -79,7 +80,7 @@ def _mask_storages(args: tuple, kwargs: dict) -> frozenset[int] | None:
         mask = get_arg(args, kwargs, index, name)
         if mask is None:
             continue
-        if type(mask) is not Tensor or mask.is_meta:
+        if not masks.is_plain(mask) or mask.is_meta:
             return None
         storages.add(mask.untyped_storage().data_ptr())
     return frozenset(storages)

@@ -78,6 +78,24 @@ def test_clear_rows_zeroes_and_fills():
     assert filled[0, 0].tolist() == [7.0, 8.0]
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("keepdim", [False, True])
+def test_clear_result_rows_on_the_general_path_writes_plus_zero_and_no_other_bit(monkeypatch, dtype, keepdim):
+    """The in-place clear that CUDA takes (forced here): a flagged row becomes +0.0
+    whatever it held (NaN, -0.0, inf), and every bit of every other row stays;
+    rows of another shape or another call get their own answer."""
+    monkeypatch.setattr(masks, "FORCE_GENERAL_PATH", True)
+    special = torch.tensor([math.nan, -0.0, float("inf"), -2.5, NEG_INF, 3.0])
+    for flags in ([[True, False, True]], [[False, True, False]], [[False, False, False, True]]):
+        rows = torch.tensor(flags)
+        out = special.repeat(*rows.shape, 1).to(dtype)
+        before = out.clone()
+        cleared = masks.clear_result_rows(out, rows.unsqueeze(-1) if keepdim else rows, keepdim=keepdim)
+        assert cleared is out
+        assert torch.equal(out[rows].view(torch.uint8), torch.zeros_like(out[rows]).view(torch.uint8))
+        assert torch.equal(out[~rows].view(torch.uint8), before[~rows].view(torch.uint8))
+
+
 def test_may_inspect_values_only_for_plain_cpu_tensors():
     assert masks.may_inspect_values(torch.ones(2))
     assert not masks.may_inspect_values(torch.ones(2, device="meta"))
@@ -89,9 +107,13 @@ HAS_ATEN_SAFE_SOFTMAX = hasattr(torch.ops.aten, "_safe_softmax")
 @pytest.mark.skipif(not HAS_ATEN_SAFE_SOFTMAX, reason="this torch has no aten._safe_softmax to compare with")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("dim,out_dtype", [(-1, None), (1, None), (-1, torch.float64)])
-def test_composite_safe_softmax_is_aten_safe_softmax(dtype, dim, out_dtype):
-    """The stand-in for a torch without the op: the same forward, bitwise, and
-    the same gradient (zero for an all -inf row, NaN only where the op has NaN)."""
+@pytest.mark.parametrize("ours", ["composite", "general path"])
+def test_safe_softmax_stand_ins_are_aten_safe_softmax(monkeypatch, ours, dtype, dim, out_dtype):
+    """The stand-in for a torch without the op, and the eager softmax of the path
+    CUDA takes (forced here): the same forward, bitwise, and the same gradient
+    (zero for an all -inf row, NaN only where the op has NaN)."""
+    monkeypatch.setattr(masks, "FORCE_GENERAL_PATH", True)
+    stand_in = masks.composite_safe_softmax if ours == "composite" else masks.safe_softmax
     scores = torch.randn(2, 4, 5, generator=torch.Generator().manual_seed(0)).to(dtype)
     scores[0, :, 1] = NEG_INF  # with dim=1: a fully masked column
     scores[0, 2] = NEG_INF  # with dim=-1: a fully masked row
@@ -99,9 +121,9 @@ def test_composite_safe_softmax_is_aten_safe_softmax(dtype, dim, out_dtype):
     scores[1, 1, :2] = NEG_INF
     grad = torch.randn(2, 4, 5, dtype=out_dtype or dtype)
     results = []
-    for softmax in (torch.ops.aten._safe_softmax.default, masks.composite_safe_softmax):
+    for softmax in (torch.ops.aten._safe_softmax.default, stand_in):
         x = scores.clone().requires_grad_()
-        out = softmax(x, dim, out_dtype)
+        out = softmax(x, dim, dtype=out_dtype)
         (x_grad,) = torch.autograd.grad(out, x, grad)
         results.append((out, x_grad))
     (aten_out, aten_grad), (ours_out, ours_grad) = results
