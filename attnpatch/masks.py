@@ -152,7 +152,7 @@ def clear_result_rows(out: Tensor, rows: Tensor, fill: Tensor | None = None, *, 
         return out
     flagged = rows if keepdim else rows.unsqueeze(-1)
     if fill is None:
-        if out.is_floating_point() and not torch.compiler.is_compiling():
+        if out.numel() >= _BITWISE_FROM and out.is_floating_point() and not torch.compiler.is_compiling():
             bits = out.view(_SAME_WIDTH_INT[out.element_size()])
             bits.bitwise_and_(_keep_bits(rows, keepdim, bits.dtype))
             return out
@@ -166,6 +166,7 @@ def clear_result_rows(out: Tensor, rows: Tensor, fill: Tensor | None = None, *, 
 # one vectorised pass on every device, where CPU's masked_fill_ walks element by
 # element (1.0 ms against 0.1 ms on an 8x16x128x64 float32 output).
 _SAME_WIDTH_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_BITWISE_FROM = 1 << 12  # elements: below this masked_fill_, one op fewer, is as fast (CPU: 3.2 vs 4.6 us at 256)
 # (weak reference to rows, keepdim, int dtype, bits) for the last rows cleared:
 # rows_and_safe_mask hands every layer of a forward the same rows tensor, so the
 # bits are built once per forward and each call is one kernel, as masked_fill_ is.

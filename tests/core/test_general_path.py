@@ -15,12 +15,16 @@ from attnpatch import masks
 from .helpers import causal_drop_mask, has_nan, left_padded_keep_mask, left_padding, naive_sdpa, to_float_mask
 
 B, H, L, D, E = 2, 2, 5, 8, 16
+BITWISE_FROM = masks._BITWISE_FROM
 LENGTHS = [3, 5]
 
 
-@pytest.fixture
-def general(monkeypatch):
+@pytest.fixture(params=["masked_fill_", "bitwise"])
+def general(request, monkeypatch):
+    """The general path, with each way it clears a result in place (outputs this
+    small take masked_fill_; large ones, the bitwise AND)."""
     monkeypatch.setattr(masks, "FORCE_GENERAL_PATH", True)
+    monkeypatch.setattr(masks, "_BITWISE_FROM", 0 if request.param == "bitwise" else 1 << 40)
 
 
 def _qkv(grad, q_len=L):
@@ -63,14 +67,15 @@ def test_sdpa_with_nan_kernel(monkeypatch, general, shape, float_mask, grad):
 
 
 def _both_paths(run):
-    """``run()`` patched on the CPU path and on the general path."""
+    """``run()`` patched on the CPU path and on the general path (results cleared
+    bitwise, as large ones are; the ``general`` fixture's tests take both ways)."""
     with attnpatch.patched():
         cpu = run()
-        masks.FORCE_GENERAL_PATH = True
+        masks.FORCE_GENERAL_PATH, masks._BITWISE_FROM = True, 0
         try:
             general = run()
         finally:
-            masks.FORCE_GENERAL_PATH = False
+            masks.FORCE_GENERAL_PATH, masks._BITWISE_FROM = False, BITWISE_FROM
     return cpu, general
 
 

@@ -80,11 +80,14 @@ def test_clear_rows_zeroes_and_fills():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
 @pytest.mark.parametrize("keepdim", [False, True])
-def test_clear_result_rows_on_the_general_path_writes_plus_zero_and_no_other_bit(monkeypatch, dtype, keepdim):
-    """The in-place clear that CUDA takes (forced here): a flagged row becomes +0.0
-    whatever it held (NaN, -0.0, inf), and every bit of every other row stays;
-    rows of another shape or another call get their own answer."""
+@pytest.mark.parametrize("large", [False, True], ids=["masked_fill_", "bitwise"])
+def test_clear_result_rows_on_the_general_path_writes_plus_zero_and_no_other_bit(monkeypatch, dtype, keepdim, large):
+    """The in-place clear that CUDA takes (forced here), for small outputs and for
+    large ones (bitwise): a flagged row becomes +0.0 whatever it held (NaN, -0.0,
+    inf), and every bit of every other row stays; rows of another shape or
+    another call get their own answer."""
     monkeypatch.setattr(masks, "FORCE_GENERAL_PATH", True)
+    monkeypatch.setattr(masks, "_BITWISE_FROM", 0 if large else 1 << 40)
     special = torch.tensor([math.nan, -0.0, float("inf"), -2.5, NEG_INF, 3.0])
     for flags in ([[True, False, True]], [[False, True, False]], [[False, False, False, True]]):
         rows = torch.tensor(flags)
