@@ -293,8 +293,8 @@ def may_inspect_values(tensor: Tensor) -> bool:
     """
     return (
         not FORCE_GENERAL_PATH
+        and is_plain(tensor)  # first: is_cpu dispatches an op on a subclass
         and tensor.is_cpu  # cheaper than tensor.device.type, which builds a device object
-        and is_plain(tensor)
         and not torch.compiler.is_compiling()
     )
 
