@@ -59,8 +59,10 @@ def is_plain(tensor: Tensor) -> bool:
     fake and functional tensors of tracing) and not the wrapper of a ``torch.func``
     transform (``vmap``, ``grad``, ``jacrev``...). Those wrappers pass for
     ``torch.Tensor``, but they have no storage, cannot be read on the host
-    under ``vmap`` and cannot run an autograd.Function without ``setup_context``."""
-    return type(tensor) is torch.Tensor and not _is_functorch_wrapped(tensor)
+    under ``vmap`` and cannot run an autograd.Function without ``setup_context``.
+    While torch.compile traces, the type alone decides: dynamo cannot call the
+    wrapper check (a graph break), and every caller treats tracing apart."""
+    return type(tensor) is torch.Tensor and (torch.compiler.is_compiling() or not _is_functorch_wrapped(tensor))
 
 
 _is_functorch_wrapped: Callable[[Tensor], bool] = torch._C._functorch.is_functorch_wrapped_tensor
