@@ -124,7 +124,7 @@ def assert_no_new_host_reads(run: Callable[[], Any], patch: str = "", *, fix_run
     assert not added, f"attnpatch added host reads: {patched.reads_in_attnpatch() or patched.reads}"
     assert patched_result == unpatched_result
     if fix_runs:
-        assert patched.ops - unpatched.ops, f"attnpatch's fix did not run (did its wrapper fall back?) {patched.ops - unpatched.ops}"
+        assert patched.ops - unpatched.ops, "attnpatch's fix did not run (did its wrapper fall back?)"
     return unpatched, patched
 
 
