@@ -65,6 +65,12 @@ def is_plain(tensor: Tensor) -> bool:
     return type(tensor) is torch.Tensor and (torch.compiler.is_compiling() or not _is_functorch_wrapped(tensor))
 
 
+def is_plain_in_eager(tensor: Tensor) -> bool:
+    """``is_plain(tensor)`` and torch.compile is not tracing: the tensor holds real
+    values that may be looked at, cached and changed in place."""
+    return type(tensor) is torch.Tensor and not torch.compiler.is_compiling() and not _is_functorch_wrapped(tensor)
+
+
 _is_functorch_wrapped: Callable[[Tensor], bool] = torch._C._functorch.is_functorch_wrapped_tensor
 
 
@@ -75,7 +81,7 @@ def _common_ops_only(tensor: Tensor) -> bool:
     and fake tensors of AOT tracing; a ``torch.func`` wrapper) or anything while
     dynamo traces (inductor in torch 2.5 cannot lower ``amax`` over bool). Plain
     tensors in eager get the faster formulations."""
-    return not is_plain(tensor) or torch.compiler.is_compiling()
+    return not is_plain_in_eager(tensor)
 
 
 _ALL_TRUE_WORD = 0x01010101
@@ -217,10 +223,9 @@ def rows_and_safe_mask(
     """
     cacheable = (
         not in_place
-        and is_plain(mask)
+        and is_plain_in_eager(mask)
         and not mask.requires_grad
         and not mask.is_inference()
-        and not torch.compiler.is_compiling()
     )
     key = (drop, keepdim)
     entry = _last_mask.get(key) if cacheable else None
@@ -295,9 +300,8 @@ def may_inspect_values(tensor: Tensor) -> bool:
     """
     return (
         not FORCE_GENERAL_PATH
-        and is_plain(tensor)  # first: is_cpu dispatches an op on a subclass
+        and is_plain_in_eager(tensor)  # first: is_cpu dispatches an op on a subclass
         and tensor.is_cpu  # cheaper than tensor.device.type, which builds a device object
-        and not torch.compiler.is_compiling()
     )
 
 
@@ -308,7 +312,7 @@ def safe_softmax(input: Tensor, dim: int | None = None, _stacklevel: int = 3, dt
     other row is bitwise softmax's."""
     if dim is None:
         return F.softmax(input, dim, _stacklevel, dtype)
-    if dim in (-1, input.dim() - 1) and input.numel() > 0 and is_plain(input) and not torch.compiler.is_compiling():
+    if dim in (-1, input.dim() - 1) and input.numel() > 0 and is_plain_in_eager(input):
         zero_rows = _zero_all_masked_rows if may_inspect_values(input) else _clear_all_masked_rows
         if input.requires_grad and torch.is_grad_enabled():
             return _ZeroRowsSoftmax.apply(input, dtype, zero_rows)
