@@ -57,3 +57,25 @@ def test_cuda_request_without_cuda_is_skipped_cleanly(tmp_path):
     assert done.returncode == 0
     assert "no CUDA" in done.stderr
     assert not list(tmp_path.iterdir())
+
+
+def test_floor_variant_gives_the_general_paths_output_bit_for_bit():
+    """The floor is the least the general path can cost only if it does the same
+    work: the same output, fully masked rows +0.0, every other bit as the kernel's."""
+    import torch
+
+    from benchmarks import cases, run
+    from benchmarks.cases import FLOOR, GENERAL_PATH
+
+    try:
+        for case in cases.general_sdpa_cases("cpu", quick=True):
+            outputs = {}
+            for variant in (GENERAL_PATH, FLOOR):
+                run.switch(variant)
+                outputs[variant] = case.variants[variant]()
+            run.switch(cases.BASELINE)
+            floor = outputs[FLOOR]
+            assert floor.view(torch.int32).eq(0).all(-1).any()  # some rows were cleared
+            assert torch.equal(floor.view(torch.int32), outputs[GENERAL_PATH].view(torch.int32))
+    finally:
+        run.switch(cases.BASELINE)
