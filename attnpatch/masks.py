@@ -41,11 +41,17 @@ def fully_masked_rows(mask: Tensor, *, drop: bool = False, keepdim: bool = False
             # 0x01010101, the largest word a bool row can hold.
             words = mask.view(torch.int32)
             return words.amin(-1, keepdim) == _ALL_TRUE_WORD if drop else words.amax(-1, keepdim) == 0
+        if _common_ops_only(mask):
+            # A count, not any/all: inductor's CPU code for any/all over bool
+            # widens every element to int64 (the compiled fix at B=8, L=512:
+            # 8.3 against 6.8 ms). An empty row counts no key: fully masked.
+            count = mask.sum(-1, keepdim, dtype=torch.int32)
+            return count == mask.shape[-1] if drop else count == 0
         # amax/amin over bool run about 4x faster than any/all on CPU (see
         # _common_ops_only for where they cannot run). Empty rows: all() is True.
         # logical_not, not ~: torch's Python binding of ~ wants a real device, so
         # it fails on fake CUDA tensors (the tests' stand-in for a GPU).
-        if mask.shape[-1] == 0 or _common_ops_only(mask):
+        if mask.shape[-1] == 0:
             return mask.all(-1, keepdim) if drop else mask.any(-1, keepdim).logical_not()
         return mask.amin(-1, keepdim) if drop else mask.amax(-1, keepdim).logical_not()
     if _common_ops_only(mask):

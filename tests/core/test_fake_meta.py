@@ -103,7 +103,7 @@ class _OpLog(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-FIX_OPS = ("amax", "amin", "any", "all", "_safe_softmax")  # what the fix adds: finding rows, safe softmax
+FIX_OPS = ("amax", "amin", "any", "all", "sum", "_safe_softmax")  # what the fix adds: finding rows, safe softmax
 
 
 def _run(case, where: str, patched: bool) -> tuple[list, Counter]:

@@ -33,7 +33,7 @@ from tests.torch_baseline import unpatched_or_skip
 
 B, L, E, H = 2, 5, 16, 2
 LENGTHS = [3, 5]  # batch 0 is left-padded by 2
-FIX_REDUCTIONS = ("amax", "amin", "any", "all")  # how the fix finds fully masked rows: one per fixed call
+FIX_REDUCTIONS = ("amax", "amin", "any", "all", "sum")  # how the fix finds fully masked rows: one per fixed call
 FIX_OPS = (*FIX_REDUCTIONS, "_safe_softmax")  # what the fix adds to a graph
 
 
