@@ -346,16 +346,16 @@ def general_sdpa_cases(device: str, quick: bool) -> list[Case]:
         reused = build()
         fresh = lambda q=q, k=k, v=v, build=build: F.scaled_dot_product_attention(q, k, v, attn_mask=build())  # noqa: E731
         same = lambda q=q, k=k, v=v, m=reused: F.scaled_dot_product_attention(q, k, v, attn_mask=m)  # noqa: E731
-        keep_words = kept_row_words(reused)
+        kept = kept_rows(reused)
         shape = f"B={batch} H={heads} Lq={q_len} S={length} D={dim}"
         target = general_target(length)
         cases.append(Case("general", f"SDPA {what}, mask reused", shape, "float32",
                           {BASELINE: same, GENERAL_PATH: same,
-                           FLOOR: lambda same=same, words=keep_words: clear_by_hand(same(), words)},
+                           FLOOR: lambda same=same, kept=kept: clear_by_hand(same(), kept)},
                           targets={GENERAL_PATH: target}, notes={FLOOR: FLOOR_NOTE}))
         cases.append(Case("general", f"SDPA {what}, mask built per call", shape, "float32",
                           {BASELINE: fresh, GENERAL_PATH: fresh,
-                           FLOOR: lambda fresh=fresh, words=keep_words: clear_by_hand(fresh(), words)},
+                           FLOOR: lambda fresh=fresh, kept=kept: clear_by_hand(fresh(), kept)},
                           targets={GENERAL_PATH: target},
                           notes={GENERAL_PATH: "both variants build the mask inside the timed call",
                                  FLOOR: FLOOR_NOTE + "; the pass over the new mask that finds them is not counted"}))
@@ -365,15 +365,15 @@ def general_sdpa_cases(device: str, quick: bool) -> list[Case]:
 FLOOR_NOTE = "row flags computed once, outside the timing"
 
 
-def kept_row_words(keep: torch.Tensor) -> torch.Tensor:
-    """Per query row of a keep mask, the int32 word -1 (all ones) where the row
-    admits a key and 0 where it admits none."""
-    return keep.any(-1, keepdim=True).to(torch.int32).neg_()
+def kept_rows(keep: torch.Tensor) -> torch.Tensor:
+    """Per query row of a keep mask: True where the row admits a key."""
+    return keep.any(-1, keepdim=True)
 
 
-def clear_by_hand(out: torch.Tensor, keep_words: torch.Tensor) -> torch.Tensor:
-    """The one pass over a float32 output: fully masked rows ANDed to +0.0."""
-    out.view(torch.int32).bitwise_and_(keep_words)
+def clear_by_hand(out: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """The one pass over a float32 output: the bits of each row that admits no key
+    multiplied by 0 (+0.0), the others by 1 (unchanged)."""
+    out.view(torch.int32).mul_(kept)
     return out
 
 
