@@ -1,8 +1,10 @@
 """The pure mask logic, checked against a float64 reference with hypothesis."""
 
+import contextlib
 import math
 import subprocess
 import sys
+from unittest import mock
 
 import pytest
 import torch
@@ -42,9 +44,27 @@ def any_mask(draw):
     return torch.tensor(values, dtype=dtype).reshape(shape)
 
 
-@given(any_mask(), st.booleans())
-def test_fully_masked_rows_matches_definition(mask, drop):
-    assert torch.equal(masks.fully_masked_rows(mask, drop=drop), _python_rows(mask, drop))
+@given(any_mask(), st.booleans(), st.booleans())
+def test_fully_masked_rows_matches_definition(mask, drop, traced):
+    """Both formulations: eager plain tensors' and the one torch.compile, export and
+    tensor subclasses get (``traced``)."""
+    with _as_if_traced(traced):
+        assert torch.equal(masks.fully_masked_rows(mask, drop=drop), _python_rows(mask, drop))
+
+
+@pytest.mark.parametrize("traced", [False, True], ids=["eager", "traced"])
+@pytest.mark.parametrize("drop", [False, True], ids=["keep", "drop"])
+def test_a_row_with_no_key_at_all_is_fully_masked(drop, traced):
+    with _as_if_traced(traced):
+        assert masks.fully_masked_rows(torch.ones(2, 3, 0, dtype=torch.bool), drop=drop).all()
+
+
+def _as_if_traced(traced: bool):
+    """Make the mask functions take the formulations they use for tensors that are
+    not plain eager tensors (compile, export, DTensor, torch.func)."""
+    if not traced:
+        return contextlib.nullcontext()
+    return mock.patch.object(masks, "is_plain_in_eager", lambda tensor: False)
 
 
 @given(any_mask(), st.booleans())
