@@ -112,8 +112,8 @@ def safe_sdpa(sdpa: Callable[..., Tensor], args: tuple, kwargs: dict, *, mask_is
         # backward the NaN of a fully masked row stays there and is cleared below;
         # only a backward (0 * NaN in the key/value gradients) needs the safe mask.
         value = get_arg(args, kwargs, 2, "value")
-        backward = torch.is_grad_enabled() and any(
-            isinstance(t, Tensor) and t.requires_grad for t in (query, key, value, mask)
+        backward = torch.is_grad_enabled() and (
+            query.requires_grad or key.requires_grad or value.requires_grad or mask.requires_grad
         )
         rows, kernel_mask = masks.rows_and_safe_mask(mask, admit=backward, keepdim=True, in_place=mask_is_own)
         if kernel_mask is None:

@@ -4,6 +4,8 @@ kernel underneath, fully masked rows are 0 and every other row is bitwise the
 unpatched one, in forward and backward; and for every target it returns bitwise
 what the CPU path (checked against the contract by the other tests) returns."""
 
+import collections
+
 import pytest
 import torch
 import torch.nn as nn
@@ -22,7 +24,7 @@ LENGTHS = [3, 5]
 @pytest.fixture(params=["masked_fill_", "bitwise"])
 def general(request, monkeypatch):
     """The general path, with each way it clears a result in place (outputs this
-    small take masked_fill_; large ones, the bitwise AND)."""
+    small take masked_fill_; large ones, the bitwise multiply)."""
     monkeypatch.setattr(masks, "FORCE_GENERAL_PATH", True)
     monkeypatch.setattr(masks, "_BITWISE_FROM", 0 if request.param == "bitwise" else 1 << 40)
 
@@ -173,3 +175,33 @@ def test_mha_training_with_nan_kernel_never_changes_the_callers_masks(monkeypatc
     assert not has_nan(out, *grads)
     for mask, saved in zip(given_masks, before):
         assert torch.equal(mask, saved), "the caller's mask was changed"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_mask_shared_by_the_layers_of_a_forward_costs_later_calls_one_pass(monkeypatch, dtype):
+    """Every layer of a forward passes the same mask: the first SDPA call finds
+    its rows and builds the kept-row flags, in the integer dtype that multiplies
+    the output's bits; each later call dispatches exactly what the unpatched call
+    and that one multiply by hand do (no pass over the mask, no cast of the flags)."""
+    monkeypatch.setattr(masks, "FORCE_GENERAL_PATH", True)
+    monkeypatch.setattr(masks, "_BITWISE_FROM", 0)
+    q, k, v = (t.to(dtype) for t in _qkv(False))
+    mask = _keep((B, 1, L, L))
+    bits = torch.int16 if dtype == torch.bfloat16 else torch.int32
+    kept = mask.any(-1, keepdim=True).to(bits)
+
+    def ops_of(call):
+        # The profiler, not a dispatch mode: it also sees the ops a kernel runs
+        # below the dispatcher's Python key, such as the copy that casts an operand.
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+            call()
+        return collections.Counter(event.name for event in profile.events())
+
+    def sdpa():
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    by_hand = ops_of(lambda: sdpa().view(bits).mul_(kept))
+    with attnpatch.patched("sdpa"):
+        first, later = ops_of(sdpa), ops_of(sdpa)
+    assert "aten::amax" in first - by_hand
+    assert later == by_hand
