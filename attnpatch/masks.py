@@ -34,6 +34,12 @@ def fully_masked_rows(mask: Tensor, *, drop: bool = False, keepdim: bool = False
     row "not fully masked" so NaN propagates exactly as without attnpatch.
     """
     if mask.dtype == torch.bool:
+        if _common_ops_only(mask):
+            # A count, not any/all: inductor's CPU code for any/all over bool
+            # widens every element to int64 (the compiled fix at B=8, L=512:
+            # 8.3 against 6.8 ms). An empty row counts no key: fully masked.
+            count = mask.sum(-1, keepdim, dtype=torch.int32)
+            return count == mask.shape[-1] if drop else count == 0
         if _packs_into_int32(mask):
             # CPU reductions over bool are byte at a time; over int32 words they
             # are vectorised (about 100x faster). A bool byte is 0 or 1, so a row
@@ -41,12 +47,6 @@ def fully_masked_rows(mask: Tensor, *, drop: bool = False, keepdim: bool = False
             # 0x01010101, the largest word a bool row can hold.
             words = mask.view(torch.int32)
             return words.amin(-1, keepdim) == _ALL_TRUE_WORD if drop else words.amax(-1, keepdim) == 0
-        if _common_ops_only(mask):
-            # A count, not any/all: inductor's CPU code for any/all over bool
-            # widens every element to int64 (the compiled fix at B=8, L=512:
-            # 8.3 against 6.8 ms). An empty row counts no key: fully masked.
-            count = mask.sum(-1, keepdim, dtype=torch.int32)
-            return count == mask.shape[-1] if drop else count == 0
         # amax/amin over bool run about 4x faster than any/all on CPU (see
         # _common_ops_only for where they cannot run). Empty rows: all() is True.
         # logical_not, not ~: torch's Python binding of ~ wants a real device, so
@@ -96,12 +96,11 @@ _WORDS_FROM = 1 << 16  # bytes: below this, one op fewer beats the faster reduct
 
 def _packs_into_int32(mask: Tensor) -> bool:
     """Whether ``mask.view(torch.int32)`` is allowed and pays: rows of whole,
-    aligned words in a mask large enough, for plain tensors in eager only
+    aligned words in a mask large enough. Asked only of a plain tensor in eager
     (``storage_offset()`` breaks dynamo's graph, and inductor in torch 2.5
     cannot lower a dtype view of bool)."""
     return (
-        not _common_ops_only(mask)
-        and mask.dim() > 0
+        mask.dim() > 0
         and mask.numel() >= _WORDS_FROM
         and mask.shape[-1] % 4 == 0
         and mask.stride(-1) == 1
