@@ -48,8 +48,10 @@ def pth_hook_cost(runs: int) -> dict[str, float]:
     site-packages without disturbing other processes. Instead both arms start
     ``python -S`` (no site), run the normal ``site.main()`` and then
     ``site.addsitedir`` on a temporary directory that holds a copy of
-    ``attnpatch.pth`` (hook present) or nothing (hook absent). The two runs
-    alternate; the difference of their medians is the hook's cost. The in-process
+    ``attnpatch.pth`` (hook present) or nothing (hook absent). The runs go in
+    pairs, one of each arm in alternating order; the median of the pairs'
+    differences is the hook's cost (a shared machine's start-up times drift by
+    more than the hook costs, so unpaired medians swing either way). The in-process
     figure is the time to process the same directory with ``site.addsitedir``
     minus an empty one, averaged over many calls.
     """
@@ -68,6 +70,7 @@ def pth_hook_cost(runs: int) -> dict[str, float]:
                 arms[arm].append(_run_ms([sys.executable, "-S", "-c", code, str(directory)], env))
         startup_with = statistics.median(arms["with"])
         startup_without = statistics.median(arms["without"])
+        startup_delta = statistics.median(a - b for a, b in zip(arms["with"], arms["without"]))
 
         import site
 
@@ -89,6 +92,6 @@ def pth_hook_cost(runs: int) -> dict[str, float]:
     return {
         "startup_with_hook_ms": startup_with,
         "startup_without_hook_ms": startup_without,
-        "startup_delta_ms": startup_with - startup_without,
+        "startup_delta_ms": startup_delta,
         "in_process_hook_us": in_process["with"] - in_process["without"],
     }
