@@ -438,3 +438,10 @@ def tiny_sdpa_inputs(device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     q = torch.randn(1, 1, 4, 8, device=device)
     return q, q.clone(), q.clone()
 
+
+def tiny_padded_mask(device: str) -> torch.Tensor:
+    """A causal keep mask for ``tiny_sdpa_inputs`` with the first token a left pad:
+    query row 0 admits no key."""
+    causal = torch.ones(4, 4, dtype=torch.bool, device=device).tril()
+    return causal & (torch.arange(4, device=device) >= 1)
+

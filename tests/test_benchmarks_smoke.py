@@ -17,7 +17,7 @@ ROW_KEYS = {
 META_KEYS = {"device", "torch", "transformers", "attnpatch", "python", "date", "mode"}
 OVERHEAD_KEYS = {
     "wrapper_no_mask_us", "import_attnpatch_ms", "startup_with_hook_ms", "startup_without_hook_ms",
-    "startup_delta_ms", "in_process_hook_us",
+    "startup_delta_ms", "in_process_hook_us", "general_path_mask_reused_us", "general_path_mask_per_call_us",
 }
 
 
@@ -41,7 +41,7 @@ def test_quick_run_writes_json_and_markdown(tmp_path):
     assert any(row["variant"].startswith("workaround") for row in rows)
 
     table = (tmp_path / "cpu-quick.md").read_text()
-    assert "| group | case |" in table and "wrapper cost per call" in table
+    assert "| group | case |" in table and "wrapper cost per call" in table and "added per masked SDPA call" in table
     assert result["meta"]["torch"] in table
 
 
