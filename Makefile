@@ -22,7 +22,7 @@ test-edge-newest: EDGE_ENTRY := tests(torch='2.15', transformers='5.24')
 EDGE_CACHE ?= $(HOME)/.cache/attnpatch-ci
 EDGE_RECORD ?= 0
 
-.PHONY: demo test test-main test-hf4 test-edges test-edge-oldest test-edge-newest matrix bench bench-quick upstream clean
+.PHONY: demo test test-main test-hf4 test-edges test-edge-oldest test-edge-newest matrix bench bench-quick cuda-report upstream clean
 
 $(VENV)/.ready: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -78,6 +78,27 @@ bench: $(VENV)/.ready
 
 bench-quick: $(VENV)/.ready
 	$(VENV)/bin/python -m benchmarks.run --quick
+
+# On a CUDA machine, with a Python whose torch sees the GPU (CUDA_PYTHON; no
+# virtual environment is built, so nothing is downloaded): the GPU tests, every
+# patched call in them checked by torch's sync debug mode; `attnpatch doctor`;
+# the CUDA benchmarks. Reports, with device, versions and date, go under
+# benchmarks/results/ (cuda-tests.txt, cuda-doctor.txt, cuda.md/json) to commit.
+# All three run even if one fails; the exit status says whether any did.
+CUDA_PYTHON ?= python3
+CUDA_VERSIONS := import datetime, importlib.metadata as meta, importlib.util, torch, wrapt; \
+	print(datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), torch.cuda.get_device_name(), \
+	"torch", torch.__version__, "CUDA", torch.version.cuda, "wrapt", wrapt.__version__, \
+	"transformers", importlib.util.find_spec("transformers") and meta.version("transformers"))
+cuda-report:
+	@$(CUDA_PYTHON) -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else "cuda-report: this torch sees no CUDA device")'
+	{ $(CUDA_PYTHON) -c '$(CUDA_VERSIONS)' && $(CUDA_PYTHON) -m pytest tests/gpu -v -p no:cacheprovider; } \
+		> benchmarks/results/cuda-tests.txt 2>&1; tests=$$?; cat benchmarks/results/cuda-tests.txt; \
+	$(CUDA_PYTHON) -m attnpatch doctor > benchmarks/results/cuda-doctor.txt; doctor=$$?; \
+	cat benchmarks/results/cuda-doctor.txt; \
+	$(CUDA_PYTHON) -m benchmarks.run --device cuda; bench=$$?; \
+	echo "cuda-report: tests $$tests, doctor $$doctor, benchmarks $$bench (exit statuses)"; \
+	test $$tests = 0 && test $$doctor = 0 && test $$bench = 0
 
 # PyTorch's own tests of SDPA, nn.MultiheadAttention and the attention-bias API,
 # without then with attnpatch (tests/upstream). Not part of `test`: it needs the

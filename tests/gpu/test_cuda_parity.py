@@ -1,9 +1,12 @@
-"""GPU parity: every SDPA backend that accepts the case, fp32/fp16/bf16.
+"""GPU parity: every SDPA backend that accepts the case, fp32/fp16/bf16, and no
+host-device synchronisation added by any patched call.
 
-Skipped without CUDA. Run on a CUDA machine with
-``python -m pytest tests/gpu -v --junitxml=benchmarks/results/cuda-parity.xml``
-and commit the report (device, versions, date) under benchmarks/results/.
+Skipped without CUDA. On a CUDA machine ``make cuda-report`` runs these with the
+CUDA benchmarks and ``attnpatch doctor`` and writes the reports (device, versions,
+date) under benchmarks/results/, to commit.
 """
+
+import warnings
 
 import pytest
 import torch
@@ -17,6 +20,47 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 B, H, L, D = 2, 4, 64, 64
 LENGTHS = [40, 64]
 TOL = {torch.float32: 2e-3, torch.float16: 2e-2, torch.bfloat16: 6e-2}
+
+
+def _host_syncs(call):
+    """``call()`` and the host-device synchronisations it made, as counted by
+    torch's sync debug mode ("warn": one warning per synchronising operation)."""
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = call()
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    return result, sum("synchronizing" in str(w.message) for w in caught)
+
+
+def run_adding_no_sync(unpatched, patched):
+    """``patched()``, checked to synchronise with the host no more than
+    ``unpatched()`` (the same call without attnpatch) does. Where torch makes no
+    sync in the call, ``patched()`` runs under ``set_sync_debug_mode("error")``,
+    so a sync raises where it happens; where torch itself syncs (some of its mask
+    checks read values), the two are counted."""
+    _, torch_syncs = _host_syncs(unpatched)
+    if torch_syncs == 0:
+        previous = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return patched()
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+    result, syncs = _host_syncs(patched)
+    assert syncs <= torch_syncs, f"attnpatch added {syncs - torch_syncs} host syncs to the {torch_syncs} of torch"
+    return result
+
+
+def _patched(call, targets=None):
+    def patched():
+        with attnpatch.patched(targets):
+            return call()
+
+    return patched
 
 
 def _keep_mask(device):
@@ -57,10 +101,17 @@ def test_sdpa_backend_parity(dtype, backend, float_mask, grad):
             unpatched = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         except RuntimeError as exc:
             pytest.skip(f"{backend} does not accept this case: {exc}")
-        with attnpatch.patched("sdpa"), torch.set_grad_enabled(grad):
-            patched = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-            if grad:
-                patched.float().sum().backward()
+
+        def call():
+            for t in (q, k, v):
+                t.grad = None
+            with torch.set_grad_enabled(grad):
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+                if grad:
+                    out.float().sum().backward()
+            return out
+
+        patched = run_adding_no_sync(call, _patched(call, "sdpa"))
     assert torch.equal(patched[rows], torch.zeros_like(patched[rows]))
     valid = ~rows
     finite = torch.isfinite(unpatched).all(-1) & valid
@@ -80,10 +131,16 @@ def test_mha_cuda(need_weights, train):
     x = torch.randn(2, L, 256, device="cuda", requires_grad=train)
     kpm = torch.arange(L, device="cuda")[None] < (L - torch.tensor(LENGTHS, device="cuda"))[:, None]
     causal = torch.ones(L, L, dtype=torch.bool, device="cuda").triu(1)
-    with torch.set_grad_enabled(train), attnpatch.patched():
-        out, w = m(x, x, x, key_padding_mask=kpm, attn_mask=causal, need_weights=need_weights)
-        if train:
-            out.sum().backward()
+
+    def call():
+        x.grad = None
+        with torch.set_grad_enabled(train):
+            out, _ = m(x, x, x, key_padding_mask=kpm, attn_mask=causal, need_weights=need_weights)
+            if train:
+                out.sum().backward()
+        return out
+
+    out = run_adding_no_sync(call, _patched(call))
     assert torch.isfinite(out).all()
     assert torch.equal(out[kpm], m.out_proj.bias.expand(int(kpm.sum()), 256).to(out.dtype))
     if train:
@@ -97,6 +154,10 @@ def test_transformer_encoder_cuda():
     x = torch.randn(2, L, 256, device="cuda")
     kpm = torch.arange(L, device="cuda")[None] < (L - torch.tensor(LENGTHS, device="cuda"))[:, None]
     causal = torch.ones(L, L, dtype=torch.bool, device="cuda").triu(1)
-    with torch.no_grad(), attnpatch.patched():
-        out = enc(x, mask=causal, src_key_padding_mask=kpm)
+
+    def call():
+        with torch.no_grad():
+            return enc(x, mask=causal, src_key_padding_mask=kpm)
+
+    out = run_adding_no_sync(call, _patched(call))
     assert torch.isfinite(out).all()
