@@ -6,61 +6,18 @@ CUDA benchmarks and ``attnpatch doctor`` and writes the reports (device, version
 date) under benchmarks/results/, to commit.
 """
 
-import warnings
-
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import attnpatch
+from tests.gpu.host_syncs import run_adding_no_sync, under_attnpatch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 B, H, L, D = 2, 4, 64, 64
 LENGTHS = [40, 64]
 TOL = {torch.float32: 2e-3, torch.float16: 2e-2, torch.bfloat16: 6e-2}
-
-
-def _host_syncs(call):
-    """``call()`` and the host-device synchronisations it made, as counted by
-    torch's sync debug mode ("warn": one warning per synchronising operation)."""
-    previous = torch.cuda.get_sync_debug_mode()
-    torch.cuda.set_sync_debug_mode("warn")
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            result = call()
-    finally:
-        torch.cuda.set_sync_debug_mode(previous)
-    return result, sum("synchronizing" in str(w.message) for w in caught)
-
-
-def run_adding_no_sync(unpatched, patched):
-    """``patched()``, checked to synchronise with the host no more than
-    ``unpatched()`` (the same call without attnpatch) does. Where torch makes no
-    sync in the call, ``patched()`` runs under ``set_sync_debug_mode("error")``,
-    so a sync raises where it happens; where torch itself syncs (some of its mask
-    checks read values), the two are counted."""
-    _, torch_syncs = _host_syncs(unpatched)
-    if torch_syncs == 0:
-        previous = torch.cuda.get_sync_debug_mode()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            return patched()
-        finally:
-            torch.cuda.set_sync_debug_mode(previous)
-    result, syncs = _host_syncs(patched)
-    assert syncs <= torch_syncs, f"attnpatch added {syncs - torch_syncs} host syncs to the {torch_syncs} of torch"
-    return result
-
-
-def _patched(call, targets=None):
-    def patched():
-        with attnpatch.patched(targets):
-            return call()
-
-    return patched
 
 
 def _keep_mask(device):
@@ -111,7 +68,7 @@ def test_sdpa_backend_parity(dtype, backend, float_mask, grad):
                     out.float().sum().backward()
             return out
 
-        patched = run_adding_no_sync(call, _patched(call, "sdpa"))
+        patched = run_adding_no_sync(call, under_attnpatch(call, "sdpa"))
     assert torch.equal(patched[rows], torch.zeros_like(patched[rows]))
     valid = ~rows
     finite = torch.isfinite(unpatched).all(-1) & valid
@@ -140,7 +97,7 @@ def test_mha_cuda(need_weights, train):
                 out.sum().backward()
         return out
 
-    out = run_adding_no_sync(call, _patched(call))
+    out = run_adding_no_sync(call, under_attnpatch(call))
     assert torch.isfinite(out).all()
     assert torch.equal(out[kpm], m.out_proj.bias.expand(int(kpm.sum()), 256).to(out.dtype))
     if train:
@@ -159,5 +116,5 @@ def test_transformer_encoder_cuda():
         with torch.no_grad():
             return enc(x, mask=causal, src_key_padding_mask=kpm)
 
-    out = run_adding_no_sync(call, _patched(call))
+    out = run_adding_no_sync(call, under_attnpatch(call))
     assert torch.isfinite(out).all()
