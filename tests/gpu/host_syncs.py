@@ -3,6 +3,7 @@ the check the GPU tests put around every patched call."""
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import torch
@@ -10,17 +11,23 @@ import torch
 import attnpatch
 
 
+@contextlib.contextmanager
+def sync_debug_mode(mode):
+    """torch's sync debug mode set to ``mode`` while the block runs."""
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode(mode)
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+
+
 def host_syncs(call):
     """``call()`` and the host-device synchronisations it made, as counted by
     torch's sync debug mode ("warn": one warning per synchronising operation)."""
-    previous = torch.cuda.get_sync_debug_mode()
-    torch.cuda.set_sync_debug_mode("warn")
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            result = call()
-    finally:
-        torch.cuda.set_sync_debug_mode(previous)
+    with sync_debug_mode("warn"), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = call()
     return result, sum("synchronizing" in str(w.message) for w in caught)
 
 
@@ -32,12 +39,8 @@ def run_adding_no_sync(unpatched, patched):
     checks read values), the two are counted."""
     _, torch_syncs = host_syncs(unpatched)
     if torch_syncs == 0:
-        previous = torch.cuda.get_sync_debug_mode()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
+        with sync_debug_mode("error"):
             return patched()
-        finally:
-            torch.cuda.set_sync_debug_mode(previous)
     result, syncs = host_syncs(patched)
     assert syncs <= torch_syncs, f"attnpatch added {syncs - torch_syncs} host syncs to the {torch_syncs} of torch"
     return result

@@ -80,6 +80,27 @@ def test_sdpa_backend_parity(dtype, backend, float_mask, grad):
             assert torch.isfinite(t.grad).all()
 
 
+
+def test_compiled_sdpa():
+    """The fix traced into an inductor graph: rows 0, no host read at run time.
+    Each patch state compiles its own graph (dynamo guards on it) before the check."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(B, H, L, D, device="cuda", generator=gen) for _ in range(3))
+    keep = _keep_mask("cuda")
+    attend = torch.compile(lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m), fullgraph=True)
+
+    def call():
+        return attend(q, k, v, keep)
+
+    unpatched = call()
+    under_attnpatch(call, "sdpa")()  # compiles the patched graph outside the check
+    patched = run_adding_no_sync(call, under_attnpatch(call, "sdpa"))
+    rows = ~keep.any(-1).expand(B, H, L)
+    assert rows.any()
+    assert torch.equal(patched[rows], torch.zeros_like(patched[rows]))
+    finite = torch.isfinite(unpatched).all(-1) & ~rows
+    assert torch.equal(patched[finite], unpatched[finite])
+
 @pytest.mark.parametrize("need_weights", [True, False])
 @pytest.mark.parametrize("train", [True, False])
 def test_mha_cuda(need_weights, train):
