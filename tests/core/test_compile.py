@@ -108,3 +108,31 @@ def test_sdpa_fix_is_traced_once(mask_dtype):
     assert sum(ops[name] for name in ("any", "all", "amax", "amin", "sum")) == 1, ops
     assert ops["masked_fill"] == 1, ops
     _compiled_equals_eager(fn, q)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("keys", [8, 1 << 16])
+def test_compiled_key_count_is_int16_only_where_a_row_fits(keys):
+    """Under torch.compile a bool row's keys are counted in int16 (inductor's CPU
+    code for it is about twice as fast as for int32) where the running torch can
+    tell compiling from exporting (ONNX has no int16 sum). A row of 2**16
+    admitted keys counts 0 in int16, which reads "fully masked": it would be
+    cleared, so such rows are counted in int32."""
+    q, kv = torch.randn(1, 1, 2, 8), torch.randn(1, 1, keys, 8)
+    keep = torch.ones(1, 1, 2, keys, dtype=torch.bool)
+    keep[..., 1, :] = False
+    fn = lambda q: F.scaled_dot_product_attention(q, kv, kv, attn_mask=keep)  # noqa: E731
+    expected = fn(q)
+    counts = []
+
+    def record(graph_module, example_inputs):
+        counts.extend(node.kwargs.get("dtype") for node in graph_module.graph.nodes if "sum" in str(node.target))
+        return graph_module
+
+    from torch._dynamo.backends.common import aot_autograd
+
+    got = compiled_under_patch(lambda: torch.compile(fn, fullgraph=True, backend=aot_autograd(fw_compiler=record))(q))
+    assert torch.equal(got[..., 0, :], expected[..., 0, :])
+    assert torch.equal(got[..., 1, :], torch.zeros(1, 1, 8))
+    fits = keys < 1 << 15 and hasattr(torch.compiler, "is_exporting")
+    assert counts == [torch.int16 if fits else torch.int32]
