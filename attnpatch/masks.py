@@ -64,19 +64,15 @@ _is_exporting: Callable[[], bool] | None = getattr(torch.compiler, "is_exporting
 
 
 def _count_dtype(mask: Tensor) -> torch.dtype:
-    """The dtype of a bool row's key count: int16 where torch.compile traces the
-    fix and a row cannot overflow it, int32 elsewhere. Inductor's CPU code
-    widens bool 16 lanes at a time into int16, 8 into int32 (the count at B=8,
-    L=S=512: 1.8-2.0 against 3.2-3.6 ms). Exported graphs keep int32, as does a torch
-    that cannot tell export apart: ONNX's ReduceSum has no int16."""
-    if (
-        torch.compiler.is_compiling()
-        and _is_exporting is not None
-        and not _is_exporting()
-        and mask.shape[-1] < 1 << 15
-    ):
-        return torch.int16
-    return torch.int32
+    """The dtype of a bool row's key count: int16 where a row cannot overflow it,
+    except in a graph being exported (ONNX has no int16 sum) or where the running
+    torch cannot tell export apart. Counting bool in int16 is the faster count:
+    inductor's CPU code widens bool 16 lanes at a time into int16, 8 into int32
+    (the compiled count at B=8, L=S=512: 1.8-2.0 against 3.2-3.6 ms), and an
+    eager CPU sum is faster too (0.23 against 1.0 ms)."""
+    if _is_exporting is None or _is_exporting() or mask.shape[-1] >= 1 << 15:
+        return torch.int32
+    return torch.int16
 
 
 def is_plain(tensor: Tensor) -> bool:
