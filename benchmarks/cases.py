@@ -444,4 +444,3 @@ def tiny_padded_mask(device: str) -> torch.Tensor:
     query row 0 admits no key."""
     causal = torch.ones(4, 4, dtype=torch.bool, device=device).tril()
     return causal & (torch.arange(4, device=device) >= 1)
-

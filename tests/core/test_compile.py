@@ -77,20 +77,26 @@ def test_mha_fast_path():
     _compiled_equals_eager(fn, torch.randn(B, L, E))
 
 
-def _traced_ops(fn, *args):
-    """How often each aten op occurs in the graph that AOT autograd hands the
-    compiler for ``fn`` (the graph inductor would compile), under attnpatch."""
+def _traced(fn, *args):
+    """``fn(*args)`` compiled under attnpatch, and the aten calls (graph nodes) of
+    the graph that AOT autograd hands the compiler (the graph inductor would
+    compile)."""
     from torch._dynamo.backends.common import aot_autograd
 
-    ops = collections.Counter()
+    nodes = []
 
-    def count(graph_module, example_inputs):
-        ops.update(str(node.target).split(".")[1] for node in graph_module.graph.nodes if node.op == "call_function"
-                   and str(node.target).startswith("aten."))
+    def record(graph_module, example_inputs):
+        nodes.extend(node for node in graph_module.graph.nodes
+                     if node.op == "call_function" and str(node.target).startswith("aten."))
         return graph_module
 
-    compiled_under_patch(lambda: torch.compile(fn, fullgraph=True, backend=aot_autograd(fw_compiler=count))(*args))
-    return ops
+    out = compiled_under_patch(lambda: torch.compile(fn, fullgraph=True, backend=aot_autograd(fw_compiler=record))(*args))
+    return out, nodes
+
+
+def _traced_ops(fn, *args):
+    """How often each aten op occurs in the graph of ``_traced``."""
+    return collections.Counter(str(node.target).split(".")[1] for node in _traced(fn, *args)[1])
 
 
 @torch.no_grad()
@@ -123,15 +129,8 @@ def test_compiled_key_count_is_int16_only_where_a_row_fits(keys):
     keep[..., 1, :] = False
     fn = lambda q: F.scaled_dot_product_attention(q, kv, kv, attn_mask=keep)  # noqa: E731
     expected = fn(q)
-    counts = []
-
-    def record(graph_module, example_inputs):
-        counts.extend(node.kwargs.get("dtype") for node in graph_module.graph.nodes if "sum" in str(node.target))
-        return graph_module
-
-    from torch._dynamo.backends.common import aot_autograd
-
-    got = compiled_under_patch(lambda: torch.compile(fn, fullgraph=True, backend=aot_autograd(fw_compiler=record))(q))
+    got, nodes = _traced(fn, q)
+    counts = [node.kwargs.get("dtype") for node in nodes if str(node.target).startswith("aten.sum.")]
     assert torch.equal(got[..., 0, :], expected[..., 0, :])
     assert torch.equal(got[..., 1, :], torch.zeros(1, 1, 8))
     fits = keys < 1 << 15 and hasattr(torch.compiler, "is_exporting")

@@ -1,5 +1,6 @@
-"""On CUDA: tiny left-padded Llama and Qwen2, forward and a training step. Pad rows 0, every valid row as the same call computes it
-without attnpatch, and no host-device synchronisation added (see host_syncs).
+"""On CUDA: tiny left-padded Llama and Qwen2, forward and a training step. Pad
+rows 0, every valid row as the same call computes it without attnpatch, and no
+host-device synchronisation added (see host_syncs).
 
 Skipped without CUDA; ``make cuda-report`` runs them on a CUDA machine.
 """
@@ -62,4 +63,3 @@ def test_left_padded_training_step(kind):
     run_adding_no_sync(call, under_attnpatch(call))
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
-

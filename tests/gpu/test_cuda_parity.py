@@ -80,7 +80,6 @@ def test_sdpa_backend_parity(dtype, backend, float_mask, grad):
             assert torch.isfinite(t.grad).all()
 
 
-
 def test_compiled_sdpa():
     """The fix traced into an inductor graph: rows 0, no host read at run time.
     Each patch state compiles its own graph (dynamo guards on it) before the check."""
@@ -100,6 +99,7 @@ def test_compiled_sdpa():
     assert torch.equal(patched[rows], torch.zeros_like(patched[rows]))
     finite = torch.isfinite(unpatched).all(-1) & ~rows
     assert torch.equal(patched[finite], unpatched[finite])
+
 
 @pytest.mark.parametrize("need_weights", [True, False])
 @pytest.mark.parametrize("train", [True, False])
