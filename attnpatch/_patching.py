@@ -3,9 +3,10 @@
 A patch is a wrapt ``FunctionWrapper`` placed with ``wrapt.wrap_object`` and
 taken off with ``wrapt.unwrap_object``, so removal restores the very object that
 was there before and splices us out from under wrapt wrappers other libraries
-put on top. (One exception: ``PlainFunctionPoint`` replaces a plain Python
-function, or a dict entry holding one, with another plain function, because
-dynamo traces the *original* code behind a wrapt proxy of a Python function.)
+put on top. (The exceptions: ``PlainFunctionPoint``, and a point whose original
+is another library's Python function (``_replacement``), put a plain function in
+its place, because dynamo traces the *original* code behind a wrapt proxy of a
+Python function that is not torch's.)
 A wrapper that another library left covering ours cannot be removed; it then
 passes every call through.
 
@@ -35,6 +36,7 @@ import logging
 import re
 import sys
 import threading
+import types
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -123,7 +125,7 @@ class PatchPoint:
                 return
             self._forget_spare()
             token = object()
-            spare = wrapt.FunctionWrapper(original, _current_only(self, token, wrapper))
+            spare = _replacement(original, _current_only(self, token, wrapper), on_module="." not in self.path)
             _alias_for_torchscript(original, spare)
             self._spare = (spare, token)
         # The same wrapper object is reused for every installation over the same
@@ -364,6 +366,30 @@ def _watch(family: PointFamily) -> None:
         _watcher.families.append(family)
     if _watcher not in sys.meta_path:
         sys.meta_path.insert(0, _watcher)
+
+
+def _replacement(original: Any, wrapper: Callable[..., Any], on_module: bool) -> Any:
+    """What takes ``original``'s place: a wrapt ``FunctionWrapper``, except over a
+    module's Python function from another library than torch (one put in
+    ``F.scaled_dot_product_attention``'s place before attnpatch, as users of
+    SageAttention do). dynamo traces a wrapt proxy of such a function as the
+    function itself: under torch.compile the wrapper would not run, or, with
+    defaults in the signature, dynamo's own guards fail (AssertionError). A plain
+    function calling the wrapper is traced, and its ``__wrapped__`` leads wrapt's
+    ``unwrap_object`` back to the original. torch's functions keep the proxy:
+    dynamo runs it, and it compares equal to them in handlers' tables."""
+    if on_module and type(original) is types.FunctionType and not _is_torchs(original):
+
+        @functools.wraps(original)
+        def replacement(*args: Any, **kwargs: Any) -> Any:
+            return wrapper(original, None, args, kwargs)
+
+        return replacement
+    return wrapt.FunctionWrapper(original, wrapper)
+
+
+def _is_torchs(function: Any) -> bool:
+    return (function.__module__ or "").partition(".")[0] == "torch"
 
 
 def _current_only(point: PatchPoint, token: object, wrapper: Callable[..., Any]) -> Callable[..., Any]:

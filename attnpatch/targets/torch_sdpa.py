@@ -99,7 +99,10 @@ def safe_sdpa(sdpa: Callable[..., Tensor], args: tuple, kwargs: dict, *, mask_is
     mask = get_arg(args, kwargs, ATTN_MASK, "attn_mask")
     if not isinstance(mask, Tensor) or not (mask.dtype == torch.bool or mask.is_floating_point()):
         return sdpa(*args, **kwargs)  # no mask, or one PyTorch will reject itself
-    if _tracing_kernel_call.get():
+    # Where dynamo traces this code itself (behind another library's Python
+    # function in SDPA's place: _patching._replacement), nothing is handed back,
+    # and reading a context variable would break the graph.
+    if not torch.compiler.is_dynamo_compiling() and _tracing_kernel_call.get():
         return sdpa(*args, **kwargs)  # the traced fix's own kernel call, handed back by a tracer
     try:
         query = get_arg(args, kwargs, 0, "query")

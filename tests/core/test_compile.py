@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 import attnpatch
 
-from tests.torch_baseline import compiled_under_patch
-from .helpers import causal_drop_mask, has_nan, left_padded_keep_mask, left_padding
+from tests.torch_baseline import compiled_under_patch, unpatched_or_skip
+from .helpers import causal_drop_mask, has_nan, left_padded_keep_mask, left_padding, naive_sdpa, to_float_mask
 
 B, L, E, H = 2, 5, 16, 2
 LENGTHS = [3, 5]
@@ -135,3 +135,80 @@ def test_compiled_key_count_is_int16_only_where_a_row_fits(keys):
     assert torch.equal(got[..., 1, :], torch.zeros(1, 1, 8))
     fits = keys < 1 << 15 and hasattr(torch.compiler, "is_exporting")
     assert counts == [torch.int16 if fits else torch.int32]
+
+
+def _forwarding_sdpa(*args, **kwargs):
+    """Another library's attention that forwards every argument (no defaults)."""
+    return naive_sdpa(*args, **kwargs)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("replacement", [naive_sdpa, _forwarding_sdpa], ids=["with defaults", "forwarding *args"])
+def test_sdpa_replaced_by_a_python_function_is_fixed_when_compiled(monkeypatch, replacement):
+    """A library's Python function put in F.scaled_dot_product_attention's place
+    before attnpatch (as SageAttention's users do), here one that gives a fully
+    masked row NaN. dynamo traced a wrapt proxy of such a function as the
+    function itself: the compiled call ran unfixed (NaN), or, with defaults in
+    the signature, failed on dynamo's own guards (AssertionError). Removal puts
+    the library's function back."""
+    monkeypatch.setattr(F, "scaled_dot_product_attention", replacement)
+    keep = left_padded_keep_mask(LENGTHS, L)
+    q = torch.randn(B, H, L, 8)
+    fn = lambda q: F.scaled_dot_product_attention(q, q, q, attn_mask=keep)  # noqa: E731
+    unpatched = unpatched_or_skip(lambda: torch.compile(fn, fullgraph=True, backend="aot_eager")(q), "this compile")
+    assert has_nan(unpatched), "the stand-in kernel shows the bug"
+    got = compiled_under_patch(lambda: torch.compile(fn, fullgraph=True, backend="aot_eager")(q), "sdpa")
+    rows = keep.logical_not().all(-1).expand(B, H, L)
+    assert torch.equal(got[rows], torch.zeros_like(got[rows]))
+    assert torch.equal(got[~rows], unpatched[~rows])
+    assert F.scaled_dot_product_attention is replacement
+
+
+def _calls_of_growing_length(attend, float_mask, grad):
+    """``attend`` on three sequence lengths, each batch with one left-padded row:
+    per call, (output, query gradient, fully masked rows)."""
+    results = []
+    for seq_len, lengths in [(8, [3, 8]), (12, [5, 12]), (16, [9, 16])]:
+        gen = torch.Generator().manual_seed(seq_len)
+        q, k, v = (torch.randn(B, H, seq_len, 8, generator=gen).requires_grad_(grad) for _ in range(3))
+        keep = left_padded_keep_mask(lengths, seq_len)
+        out = attend(q, k, v, to_float_mask(keep) if float_mask else keep)
+        if grad:
+            out.sum().backward()
+        results.append((out.detach(), q.grad, keep.logical_not().all(-1).expand(out.shape[:-1])))
+    return results
+
+
+@pytest.mark.parametrize(
+    ("dynamic", "backend", "grad"),
+    [(None, "aot_eager", True), (True, "aot_eager", True), (None, "inductor", False)],
+    ids=["automatic dynamic, backward", "dynamic=True, backward", "automatic dynamic, inductor"],
+)
+@pytest.mark.parametrize("float_mask", [False, True], ids=["bool", "float"])
+def test_lengths_that_change_between_calls(monkeypatch, dynamic, backend, grad, float_mask):
+    """Sequence lengths that change from call to call: torch.compile recompiles
+    once with symbolic shapes (automatic dynamic, its default) or traces them so
+    from the start. The fix is traced with symbolic shapes: as many graphs as
+    without attnpatch, fully masked rows 0 (with a NaN-producing kernel
+    underneath), the others as unpatched; gradients finite, 0 in those rows."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", naive_sdpa)
+    attend = lambda q, k, v, mask: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # noqa: E731
+
+    def compile_and_run():
+        counters.clear()
+        compiled = torch.compile(attend, fullgraph=True, backend=backend, dynamic=dynamic)
+        return _calls_of_growing_length(compiled, float_mask, grad), counters["stats"]["unique_graphs"]
+
+    unpatched, graphs = unpatched_or_skip(compile_and_run, "this compile")
+    assert has_nan(*(out for out, _, _ in unpatched)), "the stand-in kernel shows the bug"
+    patched, patched_graphs = compiled_under_patch(compile_and_run, "sdpa")
+    assert patched_graphs == graphs
+    for (out, q_grad, rows), (expected, expected_grad, _) in zip(patched, unpatched):
+        assert torch.equal(out[rows], torch.zeros_like(out[rows]))
+        torch.testing.assert_close(out[~rows], expected[~rows], atol=1e-6, rtol=1e-6)
+        if grad:
+            assert not has_nan(q_grad)
+            assert torch.equal(q_grad[rows], torch.zeros_like(q_grad[rows]))
+            torch.testing.assert_close(q_grad[~rows], expected_grad[~rows], atol=1e-6, rtol=1e-6)
