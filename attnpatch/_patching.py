@@ -205,8 +205,10 @@ class PlainFunctionPoint(PatchPoint):
     back if our function is still there."""
 
     key: str | None = None
-    # (original, its wrapper or None if skipped, skip note): prepared once per
-    # original, so apply/remove cycles do not redo ``prepare``'s inspection.
+    # (original, its replacement or None if skipped, skip note, the token the
+    # replacement acts under): prepared once per original, so apply/remove cycles
+    # neither redo ``prepare``'s inspection nor build a new function (as
+    # PatchPoint reuses its wrapper).
     _prepared: Any = field(default=None, repr=False)
 
     @property
@@ -230,12 +232,22 @@ class PlainFunctionPoint(PatchPoint):
             self._skip(f"{self.qualname} not found in this version")
             return
         if self._prepared is None or self._prepared[0] is not original:
-            self._prepared = (original, self._wrapper_for(original), self.note)
-        _, wrapper, note = self._prepared
-        if wrapper is None:
+            self._prepared = self._prepare(original)
+        _, patched, note, token = self._prepared
+        if patched is None:
             self.state, self.note = "skipped", note
             return
-        token = self._token = object()
+        self._token = token
+        put(patched)
+        self.handle = (patched, original)
+        self.state, self.note = "installed", ""
+        logger.debug("attnpatch: installed %s", self.qualname)
+
+    def _prepare(self, original: Any) -> tuple[Any, Any, str, object]:
+        wrapper = self._wrapper_for(original)
+        if wrapper is None:
+            return original, None, self.note, None
+        token = object()
 
         @functools.wraps(original)
         def patched(*args: Any, **kwargs: Any) -> Any:
@@ -245,10 +257,7 @@ class PlainFunctionPoint(PatchPoint):
                 return original(*args, **kwargs)
             return wrapper(original, None, args, kwargs)
 
-        put(patched)
-        self.handle = (patched, original)
-        self.state, self.note = "installed", ""
-        logger.debug("attnpatch: installed %s", self.qualname)
+        return original, patched, "", token
 
     def remove(self) -> None:
         if self.handle is None:
@@ -265,7 +274,8 @@ class PlainFunctionPoint(PatchPoint):
             self.state, self.note = "off", ""
         else:
             # Someone put their own function over ours: keep theirs; ours
-            # (wherever it still is) is a pass-through now.
+            # (wherever it still is) is a pass-through for good, never reused.
+            self._prepared = None
             self.state, self.note = "displaced", "replaced by another library; left alone"
 
 

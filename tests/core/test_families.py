@@ -118,3 +118,26 @@ def test_apply_imports_nothing(family_target):
     name, package, _ = family_target
     attnpatch.apply([name])
     assert not [m for m in sys.modules if m.startswith(package + ".")]
+
+
+def test_cycles_put_back_one_replacement_and_never_a_displaced_one(family_target):
+    """Each apply/remove cycle puts the same replacement function back, built once
+    (a scope per request or per test stays cheap with hundreds of model files
+    imported), so a reference kept from one scope works in the next. One that
+    another library displaced is never put back: it passes through for good,
+    even where the point is installed again over the very same original."""
+    name, package, _ = family_target
+    mod_a = importlib.import_module(f"{package}.mod_a")
+    original = mod_a.f
+    with attnpatch.patched([name]):
+        first = mod_a.f
+        assert first(1) == 20
+    assert first(1) == 2  # off: passes through
+    with attnpatch.patched([name]):
+        assert mod_a.f is first and first(1) == 20
+        mod_a.f = original  # another patcher puts back what it found before us
+    assert attnpatch.status()[name]["points"][0]["state"] == "displaced"
+    with attnpatch.patched([name]):
+        assert mod_a.f is not first and mod_a.f(1) == 20
+        assert first(1) == 2, "the displaced copy stays off"
+    assert mod_a.f is original
