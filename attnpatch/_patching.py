@@ -247,17 +247,10 @@ class PlainFunctionPoint(PatchPoint):
         wrapper = self._wrapper_for(original)
         if wrapper is None:
             return original, None, self.note, None
+        # Once removed, or displaced by another library, it only passes through,
+        # even if it is still reachable from somewhere.
         token = object()
-
-        @functools.wraps(original)
-        def patched(*args: Any, **kwargs: Any) -> Any:
-            # Once removed, or displaced by another library, this function only
-            # passes through, even if it is still reachable from somewhere.
-            if self._token is not token:
-                return original(*args, **kwargs)
-            return wrapper(original, None, args, kwargs)
-
-        return original, patched, "", token
+        return original, _plain_function(original, _current_only(self, token, wrapper)), "", token
 
     def remove(self) -> None:
         if self.handle is None:
@@ -388,17 +381,24 @@ def _replacement(original: Any, wrapper: Callable[..., Any], on_module: bool) ->
     function calling the wrapper is traced, and its ``__wrapped__`` leads wrapt's
     ``unwrap_object`` back to the original. torch's functions keep the proxy:
     dynamo runs it, and it compares equal to them in handlers' tables."""
-    if on_module and type(original) is types.FunctionType and not _is_torchs(original):
-
-        @functools.wraps(original)
-        def replacement(*args: Any, **kwargs: Any) -> Any:
-            return wrapper(original, None, args, kwargs)
-
-        return replacement
+    if on_module and type(original) is types.FunctionType and not _from_torch(original):
+        return _plain_function(original, wrapper)
     return wrapt.FunctionWrapper(original, wrapper)
 
 
-def _is_torchs(function: Any) -> bool:
+def _plain_function(original: Any, wrapper: Callable[..., Any]) -> Callable[..., Any]:
+    """A plain Python function, looking like ``original``, that calls the
+    wrapt-style ``wrapper`` with it: what dynamo traces where it would see through
+    a wrapt proxy."""
+
+    @functools.wraps(original)
+    def replacement(*args: Any, **kwargs: Any) -> Any:
+        return wrapper(original, None, args, kwargs)
+
+    return replacement
+
+
+def _from_torch(function: Any) -> bool:
     return (function.__module__ or "").partition(".")[0] == "torch"
 
 
