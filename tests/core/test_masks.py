@@ -134,7 +134,8 @@ HAS_ATEN_SAFE_SOFTMAX = hasattr(torch.ops.aten, "_safe_softmax")
 def test_safe_softmax_stand_ins_are_aten_safe_softmax(monkeypatch, ours, dtype, dim, out_dtype):
     """The stand-in for a torch without the op, and the eager softmax of the path
     CUDA takes (forced here): the same forward, bitwise, and the same gradient
-    (zero for an all -inf row, NaN only where the op has NaN)."""
+    (zero for an all -inf row, NaN only where the op has NaN, as in a row that
+    holds +inf and -inf)."""
     monkeypatch.setattr(masks, "FORCE_GENERAL_PATH", True)
     stand_in = masks.composite_safe_softmax if ours == "composite" else masks.safe_softmax
     scores = torch.randn(2, 4, 5, generator=torch.Generator().manual_seed(0)).to(dtype)
@@ -142,6 +143,8 @@ def test_safe_softmax_stand_ins_are_aten_safe_softmax(monkeypatch, ours, dtype, 
     scores[0, 2] = NEG_INF  # with dim=-1: a fully masked row
     scores[1, 3, 2] = math.nan
     scores[1, 1, :2] = NEG_INF
+    scores[1, 0] = NEG_INF
+    scores[1, 0, 3] = float("inf")  # +inf and -inf: not fully masked, NaN as in softmax
     grad = torch.randn(2, 4, 5, dtype=out_dtype or dtype)
     results = []
     for softmax in (torch.ops.aten._safe_softmax.default, stand_in):

@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import attnpatch
+from attnpatch import masks as attnpatch_masks  # imported here: the fixture below needs it even when run alone
 
 NEG_INF = float("-inf")
 ORIGINALS = (F.softmax, torch.softmax, torch.Tensor.softmax)
@@ -43,7 +44,7 @@ def masked(x):
 def path(request, monkeypatch):
     """Both ways an eager softmax is fixed: CPU's (NaN rows looked at on the host)
     and the one CUDA takes (no value read), forced here."""
-    monkeypatch.setattr(attnpatch.masks, "FORCE_GENERAL_PATH", request.param == "general path")
+    monkeypatch.setattr(attnpatch_masks, "FORCE_GENERAL_PATH", request.param == "general path")
     return request.param
 
 
@@ -83,6 +84,28 @@ def test_nan_and_inf_input_stay_nan(path):
     with attnpatch.patched("softmax"):
         out = x.softmax(-1)
     assert torch.equal(out.isnan(), plain.isnan()) and out.isnan().any(-1).all()
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no grad", "grad"])
+def test_row_with_plus_and_minus_inf_stays_nan(path, grad):
+    """A row holding +inf and -inf is not fully masked: softmax gives NaN there
+    (inf - inf), and so must the target, whichever of its entries come first.
+    Every other row, the fully masked one included, is fixed as usual."""
+    inf = float("inf")
+    x = torch.tensor([
+        [inf, NEG_INF, NEG_INF, NEG_INF],
+        [NEG_INF, NEG_INF, inf, NEG_INF],
+        [NEG_INF, inf, 0.5, -2.0],
+        [NEG_INF, NEG_INF, NEG_INF, NEG_INF],
+        [0.1, NEG_INF, 2.0, -1.0],
+    ]).requires_grad_(grad)
+    plain = x.softmax(-1)
+    assert plain[:4].isnan().all() and not plain[4].isnan().any()  # what torch gives
+    with attnpatch.patched("softmax"):
+        out = x.softmax(-1)
+    assert out[:3].isnan().all()
+    assert torch.equal(out[3], torch.zeros(4))
+    assert torch.equal(out[4], plain[4])
 
 
 def test_other_dims_and_no_masked_rows_pass_through():
