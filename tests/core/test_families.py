@@ -141,3 +141,31 @@ def test_cycles_put_back_one_replacement_and_never_a_displaced_one(family_target
         assert mod_a.f is not first and mod_a.f(1) == 20
         assert first(1) == 2, "the displaced copy stays off"
     assert mod_a.f is original
+
+
+@pytest.mark.parametrize("how", ["another library's function", "reload"])
+def test_an_original_changed_while_off_is_the_one_wrapped_next(family_target, how):
+    """While attnpatch is off, between two scopes, the function changes: another
+    library puts its own there, or the module is reloaded with new code. The next
+    scope wraps the new function (a replacement kept from the old one would run
+    the old code and bypass the new function), and removal puts the new one back."""
+    name, package, _ = family_target
+    mod_a = importlib.import_module(f"{package}.mod_a")
+    old = mod_a.f
+    with attnpatch.patched([name]):
+        first = mod_a.f
+        assert first(1) == 20
+    assert mod_a.f is old
+    if how == "reload":
+        with open(mod_a.__file__, "w") as source:
+            source.write("def f(x):\n    return x + 1000\n")  # another size: no stale bytecode
+        importlib.invalidate_caches()
+        importlib.reload(mod_a)
+    else:
+        mod_a.f = lambda x: old(x) + 3
+    new = mod_a.f
+    assert new is not old and new(1) != old(1)
+    with attnpatch.patched([name]):
+        assert mod_a.f is not first and mod_a.f is not new
+        assert mod_a.f(1) == new(1) * 10
+    assert mod_a.f is new
