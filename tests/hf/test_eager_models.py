@@ -42,12 +42,17 @@ def pad_weight_rows(out):
 @torch.no_grad()
 def test_left_padded_eager_forward(kind):
     model = tiny_causal_lm(kind, "eager")
+    module = sys.modules[type(model).__module__]
+    if not hasattr(module, "eager_attention_forward"):
+        pytest.skip(f"{module.__name__} in transformers {transformers.__version__}: "
+                    "no eager_attention_forward (eager attention is inline)")
     plain = model(input_ids=IDS, attention_mask=MASK, output_attentions=True)
     with attnpatch.patched("hf_attention"):
+        # A model file that has the function must have been found and patched:
+        # a broken discovery or shape check fails here, it does not skip.
         point = eager_point(model)
-        if point is None or point["state"] != "installed":
-            pytest.skip(f"{type(model).__module__} in transformers {transformers.__version__}: "
-                        + (point["note"] if point else "no eager_attention_forward (eager attention is inline)"))
+        assert point is not None, f"{module.__name__}.eager_attention_forward was not found"
+        assert point["state"] == "installed", point
         patched = model(input_ids=IDS, attention_mask=MASK, output_attentions=True)
     # Without attnpatch: pad queries average over pad keys (finite garbage, not 0).
     garbage = pad_weight_rows(plain)
