@@ -21,6 +21,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd import forward_ad as _forward_ad
 
 NEG_INF = float("-inf")
 
@@ -70,7 +71,7 @@ def _count_dtype(mask: Tensor) -> torch.dtype:
     inductor's CPU code widens bool 16 lanes at a time into int16, 8 into int32
     (the compiled count at B=8, L=S=512: 1.8-2.0 against 3.2-3.6 ms), and an
     eager CPU sum is faster too (0.23 against 1.0 ms)."""
-    if _is_exporting is None or _is_exporting() or mask.shape[-1] >= 1 << 15:
+    if _is_exporting is None or _is_exporting() or mask.shape[-1] >= 1 << 15 or jit_tracing():
         return torch.int32
     return torch.int16
 
@@ -87,9 +88,34 @@ def is_plain(tensor: Tensor) -> bool:
 
 
 def is_plain_in_eager(tensor: Tensor) -> bool:
-    """``is_plain(tensor)`` and torch.compile is not tracing: the tensor holds real
-    values that may be looked at, cached and changed in place."""
-    return type(tensor) is torch.Tensor and not torch.compiler.is_compiling() and not _is_functorch_wrapped(tensor)
+    """``is_plain(tensor)`` and no tracer records the call (``is_traced``): the
+    tensor holds real values that may be looked at, cached and changed in place."""
+    return type(tensor) is torch.Tensor and not is_traced() and not _is_functorch_wrapped(tensor)
+
+
+def is_traced() -> bool:
+    """Whether a tracer records this call into a graph that runs later, on other
+    inputs: torch.compile and export (dynamo, AOT), or ``torch.jit.trace`` (and the
+    TorchScript-based ONNX exporter, which traces with it). Then no value may
+    steer a branch, nothing cached from an eager call may be baked in, and the fix
+    is recorded as ordinary ops (ONNX has no ``view(dtype)`` or int16 sum)."""
+    return torch.compiler.is_compiling() or jit_tracing()
+
+
+def jit_tracing() -> bool:
+    """``torch.jit.trace`` is recording. Never asked while dynamo traces (it cannot
+    call this C function without a graph break, and never runs under jit.trace)."""
+    return not torch.compiler.is_compiling() and _jit_is_tracing()
+
+
+_jit_is_tracing: Callable[[], bool] = torch._C._is_tracing
+
+
+def forward_ad_active() -> bool:
+    """Whether forward-mode AD (``torch.autograd.forward_ad.dual_level``) is on:
+    tensors may carry tangents, which in-place tricks on a result and a custom
+    autograd.Function without a ``jvp`` would break; torch's own ops carry them."""
+    return _forward_ad._current_level >= 0
 
 
 _is_functorch_wrapped: Callable[[Tensor], bool] = torch._C._functorch.is_functorch_wrapped_tensor
@@ -170,7 +196,7 @@ def clear_result_rows(out: Tensor, rows: Tensor, fill: Tensor | None = None, *, 
     output): in place when autograd is not recording it, which saves a copy of
     the whole output. With autograd recording, the kernel may have saved ``out``
     for its backward, so it is cleared out of place."""
-    if (out.requires_grad and torch.is_grad_enabled()) or not is_plain(out):
+    if (out.requires_grad and torch.is_grad_enabled()) or not is_plain(out) or jit_tracing() or forward_ad_active():
         return clear_rows(out, rows, fill, keepdim=keepdim)
     if may_inspect_values(out):
         # On CPU a boolean index writes just the flagged rows (given a whole row
@@ -335,11 +361,14 @@ def safe_softmax(input: Tensor, dim: int | None = None, _stacklevel: int = 3, dt
     other row is bitwise softmax's."""
     if dim is None:
         return F.softmax(input, dim, _stacklevel, dtype)
-    if dim in (-1, input.dim() - 1) and input.numel() > 0 and is_plain_in_eager(input):
+    if dim in (-1, input.dim() - 1) and input.numel() > 0 and is_plain_in_eager(input) and not forward_ad_active():
         zero_rows = _zero_all_masked_rows if may_inspect_values(input) else _clear_all_masked_rows
         if input.requires_grad and torch.is_grad_enabled():
             return _ZeroRowsSoftmax.apply(input, dtype, zero_rows)
         return zero_rows(_softmax(input, -1, dtype=dtype), input)
+    if jit_tracing():
+        # The TorchScript-based ONNX exporter has no symbolic for aten._safe_softmax.
+        return composite_safe_softmax(input, dim, dtype)
     return _traceable_safe_softmax(input, dim, dtype)
 
 

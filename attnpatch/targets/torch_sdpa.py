@@ -22,6 +22,7 @@ untouched; the handler's call back comes through here with plain tensors.
 from __future__ import annotations
 
 import contextvars
+import threading
 from typing import Any, Callable
 
 import torch
@@ -45,30 +46,49 @@ _tracing_kernel_call: contextvars.ContextVar[bool] = contextvars.ContextVar(
 )
 
 
-def _check_cpu_kernels(dtype: torch.dtype) -> bool:
+def _check_cpu_kernels(dtype: torch.dtype) -> bool | None:
     """Whether both CPU SDPA backends of this torch (math, flash) give a fully
     masked row output 0, finite gradients and a zero gradient to its query, in
-    ``dtype``. SDPA turns a bool mask into this float mask before either backend
-    runs. The backend ops are called directly: ``sdpa_kernel`` would change
-    process-wide flags under other threads' feet. Two tiny calls, once per dtype."""
-    keep = torch.tensor([[False, False, False], [True, False, False], [True, True, True]])
-    mask = torch.zeros(3, 3, dtype=dtype).masked_fill(~keep, masks.NEG_INF)
-    backends = (
-        lambda q, k, v: torch.ops.aten._scaled_dot_product_attention_math(q, k, v, mask)[0],
-        lambda q, k, v: torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=mask)[0],
-    )
+    ``dtype``; None when the check could not run (nothing is then cached).
+
+    It runs once per dtype, at the first masked call, in a thread of its own:
+    grad mode, tracers (``torch.jit.trace``), torch-function and dispatch modes,
+    autocast and saved-tensor hooks are per thread, so none of the caller's sees
+    its forward and backward, and its inputs come from a generator of its own,
+    so the caller's random stream is untouched."""
+    backends = (torch.ops.aten._scaled_dot_product_attention_math.default,
+                torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default)
+    verdict: list[bool] = []
+    checker = threading.Thread(target=lambda: verdict.append(_cpu_kernels_zero_masked_rows(backends, dtype)),
+                               name="attnpatch-sdpa-kernel-check", daemon=True)
     try:
-        with torch.inference_mode(False), torch.enable_grad():
-            for backend in backends:
-                q, k, v = (torch.randn(1, 2, 3, 8, dtype=dtype, requires_grad=True) for _ in range(3))
-                out = backend(q, k, v)
-                out.sum().backward()
-                if not (
-                    bool((out[:, :, 0] == 0).all())
-                    and bool((q.grad[:, :, 0] == 0).all())
-                    and all(bool(t.grad.isfinite().all()) for t in (q, k, v))
-                ):
-                    return False
+        checker.start()
+        checker.join()
+    except RuntimeError:  # no thread can start (interpreter shutting down): undecided
+        return None
+    return verdict[0] if verdict else None
+
+
+def _cpu_kernels_zero_masked_rows(backends: tuple[Any, ...], dtype: torch.dtype) -> bool:
+    """The check itself (``_check_cpu_kernels``). SDPA turns a bool mask into this
+    float mask before either backend runs. The backend ops are called directly:
+    ``sdpa_kernel`` would change process-wide flags under other threads' feet."""
+    cpu = torch.device("cpu")
+    keep = torch.tensor([[False, False, False], [True, False, False], [True, True, True]], device=cpu)
+    generator = torch.Generator(device=cpu).manual_seed(0)
+    try:
+        mask = torch.zeros(3, 3, dtype=dtype, device=cpu).masked_fill(~keep, masks.NEG_INF)
+        for backend in backends:
+            q, k, v = (torch.randn(1, 2, 3, 8, generator=generator, device=cpu).to(dtype).requires_grad_()
+                       for _ in range(3))
+            out = backend(q, k, v, attn_mask=mask)[0]
+            out.sum().backward()
+            if not (
+                bool((out[:, :, 0] == 0).all())
+                and bool((q.grad[:, :, 0] == 0).all())
+                and all(bool(t.grad.isfinite().all()) for t in (q, k, v))
+            ):
+                return False
     except Exception:  # noqa: BLE001 - a backend that cannot run here proves nothing
         return False
     return True
@@ -85,7 +105,10 @@ def _kernel_is_safe(sdpa: Callable[..., Tensor], query: Any) -> bool:
         return False
     safe = _safe_cpu_dtypes.get(query.dtype)
     if safe is None:
-        safe = _safe_cpu_dtypes[query.dtype] = query.is_floating_point() and _check_cpu_kernels(query.dtype)
+        safe = query.is_floating_point() and _check_cpu_kernels(query.dtype)
+        if safe is None:
+            return False  # undecided: the general path, which is right on any kernel
+        _safe_cpu_dtypes[query.dtype] = safe
     return safe
 
 
