@@ -29,6 +29,7 @@ Most targets are on by default (``apply()``, ``ATTNPATCH=1``); the ones in
 
 from __future__ import annotations
 
+import contextvars
 import fnmatch
 import functools
 import importlib
@@ -103,6 +104,7 @@ class PatchPoint:
     handle: Any = field(default=None, repr=False)
     state: str = "off"  # off | installed | deferred | skipped | displaced
     note: str = ""
+    target: str = ""  # the name of the target this point belongs to, set when it is loaded
     _token: Any = field(default=None, repr=False)  # the installation now in place, if any
     _spare: Any = field(default=None, repr=False)  # (wrapper, its token), kept for reuse
     _aliased: list = field(default_factory=list, repr=False)  # (module, path) of aliases now wrapped
@@ -273,6 +275,16 @@ class PlainFunctionPoint(PatchPoint):
 
 
 @dataclass(eq=False)
+class ObjectPoint(PlainFunctionPoint):
+    """An attribute replaced by the object ``prepare(original)`` returns (a class,
+    where a call's own attribute lookups must be intercepted), put in place and
+    taken back as ``PlainFunctionPoint`` does."""
+
+    def _prepare(self, original: Any) -> tuple[Any, Any, str, object]:
+        return original, self._wrapper_for(original), self.note, object()
+
+
+@dataclass(eq=False)
 class PointFamily:
     """The same patch in every module whose name matches ``pattern`` (shell-style,
     ``*`` also matching dots: ``"transformers.models.*.modeling_*"``), for modules
@@ -383,7 +395,49 @@ def _replacement(original: Any, wrapper: Callable[..., Any], on_module: bool) ->
     dynamo runs it, and it compares equal to them in handlers' tables."""
     if on_module and type(original) is types.FunctionType and not _from_torch(original):
         return _plain_function(original, wrapper)
-    return wrapt.FunctionWrapper(original, wrapper)
+    return PatchWrapper(original, wrapper)
+
+
+class _PicklesAsWrapped:
+    """What a wrapt proxy lacks to pass for the object it wraps under ``pickle``
+    and ``copy`` (a bare proxy raises NotImplementedError there): it pickles as
+    the wrapped object does, so the bytes are the same as without attnpatch
+    and loading them needs no attnpatch, and copies are the object itself, as
+    ``copy`` treats functions. A module-level function or builtin pickles by its
+    name (found again where it is loaded: the patched one if attnpatch is on
+    there, torch's own if not); anything else (a bound or static method) by its
+    own ``__reduce_ex__``."""
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        wrapped = self.__wrapped__  # type: ignore[attr-defined]
+        if type(wrapped) is types.FunctionType:
+            return wrapped.__qualname__  # pickle saves a Python function by name, never by __reduce_ex__
+        return wrapped.__reduce_ex__(protocol)
+
+    def __copy__(self) -> Any:
+        return self
+
+    def __deepcopy__(self, memo: Any) -> Any:
+        return self
+
+
+class BoundPatchWrapper(_PicklesAsWrapped, wrapt.BoundFunctionWrapper):
+    """A patched method, bound (``tokenizer_class.from_pretrained``), or read off
+    its class (``LlamaForCausalLM.generate``). Each read makes a new one, so the
+    latter cannot pickle by name (pickle checks that the name gives back the very
+    object): it pickles as reading the attribute off the class again."""
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        owner = getattr(self, "_self_owner", None)
+        if type(self.__wrapped__) is types.FunctionType and self._self_instance is None and owner is not None:
+            return getattr, (owner, self.__wrapped__.__name__)
+        return super().__reduce_ex__(protocol)
+
+
+class PatchWrapper(_PicklesAsWrapped, wrapt.FunctionWrapper):
+    """The wrapt ``FunctionWrapper`` every ``PatchPoint`` puts in place."""
+
+    __bound_function_wrapper__ = BoundPatchWrapper
 
 
 def _plain_function(original: Any, wrapper: Callable[..., Any]) -> Callable[..., Any]:
@@ -409,7 +463,7 @@ def _current_only(point: PatchPoint, token: object, wrapper: Callable[..., Any])
     would then run twice, or recurse through the other library's function)."""
 
     def guarded(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
-        if point._token is not token:
+        if point._token is not token or (_replays and point.target not in (_replayed.get() or (point.target,))):
             return wrapped(*args, **kwargs)
         return wrapper(wrapped, instance, args, kwargs)
 
@@ -445,6 +499,13 @@ class Skip(Exception):
     """Raised by ``PatchPoint.prepare`` to leave a point unpatched, with the reason."""
 
 
+# Installed while any target is, and not targets themselves (``targets()`` and
+# ``status()`` do not list them): they carry attnpatch's state into work torch
+# defers (activation checkpointing's recomputation, ``replaying``).
+COMPANIONS: dict[str, tuple[str, str]] = {
+    "checkpoint": ("torch", "attnpatch.targets.torch_checkpoint"),
+}
+
 _lock = threading.RLock()
 _holders: Counter[str] = Counter()  # target name -> how many holders want it
 _switch: frozenset[str] = frozenset()  # targets held by apply()
@@ -453,6 +514,8 @@ _points: dict[str, list[PatchPoint]] = {}  # target name -> its points, once loa
 _hooked: set[str] = set()  # module names with our post-import hook registered
 _families: dict[str, list[PointFamily]] = {}  # target name -> its families, once loaded
 _loading: set[str] = set()  # targets whose module is being imported right now
+_replays = 0  # replays (``replaying``) now running, in any thread, under fewer targets than are installed
+_replayed: contextvars.ContextVar[frozenset[str] | None] = contextvars.ContextVar("attnpatch_replayed", default=None)
 
 
 _DEFAULT_WORDS = ("1", "all", "true", "True", "yes", "on")
@@ -503,10 +566,41 @@ def release(targets: frozenset[str]) -> None:
         _sync()
 
 
+def replaying(function: Callable[..., Any]) -> Callable[..., Any]:
+    """``function``, which runs under the targets installed now whenever it is
+    called: for work that torch records now and runs again later (activation
+    checkpointing recomputes a forward in backward), which must get the state of
+    the forward it replays even if a ``patched()`` scope closed, or another
+    opened, in between. A target off now stays off for it (its wrappers pass
+    through in that context), one on now is on (installed again if need be)."""
+    held = frozenset(_installed & TARGETS.keys())
+
+    def replay(*args: Any, **kwargs: Any) -> Any:
+        global _replays
+        with _lock:
+            _holders.update(held)
+            _sync()
+            restricted = bool(_installed - held)
+            _replays += restricted
+        context = _replayed.set(held) if restricted else None
+        try:
+            return function(*args, **kwargs)
+        finally:
+            if context is not None:
+                _replayed.reset(context)
+            with _lock:
+                _replays -= restricted
+                _holders.subtract(held)
+                _sync()
+
+    return replay
+
+
 def _sync() -> None:
-    """Install every held target and remove every target no one holds."""
-    for name in TARGETS:
-        wanted = _holders[name] > 0
+    """Install every held target and remove every target no one holds; the
+    companions while any target is installed."""
+    for name in [*TARGETS, *COMPANIONS]:
+        wanted = _holders[name] > 0 if name in TARGETS else bool(_installed & TARGETS.keys())
         if wanted and name not in _installed:
             _installed.add(name)
             _install_target(name)
@@ -517,7 +611,7 @@ def _sync() -> None:
 
 
 def _install_target(name: str, only_module: str | None = None) -> None:
-    trigger, implementation = TARGETS[name]
+    trigger, implementation = TARGETS[name] if name in TARGETS else COMPANIONS[name]
     if name not in _points:
         if trigger not in sys.modules:
             _hook(trigger)
@@ -534,6 +628,8 @@ def _install_target(name: str, only_module: str | None = None) -> None:
             _loading.discard(name)
         _points[name] = list(target.POINTS)
         _families[name] = list(getattr(target, "FAMILIES", ()))
+        for point in _points[name]:
+            point.target = name
         only_module = None
     for family in _families[name]:
         _watch(family)
@@ -563,6 +659,7 @@ def _discover(name: str, family: PointFamily, module_name: str) -> None:
     except Exception:  # noqa: BLE001 - the module has no such object: nothing to patch
         return
     point = family.points[module_name] = family.make(module_name)
+    point.target = name
     _points[name].append(point)
 
 
@@ -576,7 +673,7 @@ def _on_import(module: Any) -> None:
     # Runs inside the user's `import`: it must never make that import fail.
     try:
         with _lock:
-            for name in TARGETS:
+            for name in [*TARGETS, *COMPANIONS]:
                 if name in _installed:
                     _install_target(name, only_module=module.__name__)
     except Exception as exc:  # noqa: BLE001

@@ -1,0 +1,51 @@
+"""Companion ``checkpoint`` (installed while any target is; not a target itself):
+activation checkpointing recomputes a forward with the attnpatch state that
+forward ran under.
+
+``torch.utils.checkpoint`` runs a checkpointed function twice: in forward, its
+activations dropped, and again when backward needs them. A ``patched()`` scope
+may close in between (``with attnpatch.patched(): loss = model(x)``, then
+``loss.backward()``): the recomputation would then run unpatched, giving
+non-finite gradients, or a ``CheckpointError`` where it saves other tensors
+than its forward did. Here the function is handed on wrapped in
+``_patching.replaying``, which runs it under the targets installed when it was
+first called.
+
+Both modes reach the function through a module global looked up at each call:
+``CheckpointFunction`` (``use_reentrant=True``) and
+``_checkpoint_without_reentrant_generator`` (``use_reentrant=False``). Patching
+those reaches every caller, also one that bound ``checkpoint`` itself before
+attnpatch was on (transformers' ``gradient_checkpointing_enable()``,
+``checkpoint_wrapper``, ``checkpoint_sequential``). torch.compile never calls
+them: it traces checkpointed code into its graph, fix included.
+
+Knows torch 2.5 - 2.15.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from torch.utils.checkpoint import CheckpointFunction
+
+from attnpatch._patching import ObjectPoint, PatchPoint, replaying
+
+
+def _with_state(wrapped: Callable[..., Any], instance: Any, args: tuple, kwargs: dict) -> Any:
+    function, *rest = args
+    return wrapped(replaying(function), *rest, **kwargs)
+
+
+class _CheckpointFunctionWithState(CheckpointFunction):
+    """``CheckpointFunction``, its function run under the state of its forward.
+    Its backward (inherited) calls ``ctx.run_function``: the replaying one."""
+
+    @staticmethod
+    def forward(ctx: Any, run_function: Callable[..., Any], preserve_rng_state: bool, *args: Any) -> Any:
+        return CheckpointFunction.forward(ctx, replaying(run_function), preserve_rng_state, *args)
+
+
+POINTS: list[PatchPoint] = [
+    PatchPoint("torch.utils.checkpoint", "_checkpoint_without_reentrant_generator", _with_state),
+    ObjectPoint("torch.utils.checkpoint", "CheckpointFunction", prepare=lambda _original: _CheckpointFunctionWithState),
+]
