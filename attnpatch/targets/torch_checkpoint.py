@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from torch.utils.checkpoint import CheckpointFunction
+import torch.utils.checkpoint as torch_checkpoint
 
 from attnpatch._patching import ObjectPoint, PatchPoint, replaying
 
@@ -36,16 +36,23 @@ def _with_state(wrapped: Callable[..., Any], instance: Any, args: tuple, kwargs:
     return wrapped(replaying(function), *rest, **kwargs)
 
 
-class _CheckpointFunctionWithState(CheckpointFunction):
-    """``CheckpointFunction``, its function run under the state of its forward.
-    Its backward (inherited) calls ``ctx.run_function``: the replaying one."""
+TORCH_CHECKPOINT_FUNCTION = torch_checkpoint.CheckpointFunction  # read before it is patched
+
+
+class CheckpointFunction(TORCH_CHECKPOINT_FUNCTION):
+    # torch's CheckpointFunction, its function run under the state of its
+    # forward (its backward, inherited, calls ctx.run_function: the replaying
+    # one). Named as torch's, so that it prints, pickles (by that name) and names
+    # its backward nodes (CheckpointFunctionBackward) as torch's does.
+    __module__ = TORCH_CHECKPOINT_FUNCTION.__module__
+    __doc__ = TORCH_CHECKPOINT_FUNCTION.__doc__
 
     @staticmethod
     def forward(ctx: Any, run_function: Callable[..., Any], preserve_rng_state: bool, *args: Any) -> Any:
-        return CheckpointFunction.forward(ctx, replaying(run_function), preserve_rng_state, *args)
+        return TORCH_CHECKPOINT_FUNCTION.forward(ctx, replaying(run_function), preserve_rng_state, *args)
 
 
 POINTS: list[PatchPoint] = [
     PatchPoint("torch.utils.checkpoint", "_checkpoint_without_reentrant_generator", _with_state),
-    ObjectPoint("torch.utils.checkpoint", "CheckpointFunction", prepare=lambda _original: _CheckpointFunctionWithState),
+    ObjectPoint("torch.utils.checkpoint", "CheckpointFunction", prepare=lambda _original: CheckpointFunction),
 ]

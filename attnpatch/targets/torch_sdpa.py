@@ -128,27 +128,41 @@ def safe_sdpa(sdpa: Callable[..., Tensor], args: tuple, kwargs: dict, *, mask_is
     if not torch.compiler.is_dynamo_compiling() and _tracing_kernel_call.get():
         return sdpa(*args, **kwargs)  # the traced fix's own kernel call, handed back by a tracer
     try:
-        query = get_arg(args, kwargs, 0, "query")
-        if _kernel_is_safe(sdpa, query):
-            return sdpa(*args, **kwargs)
-        key = get_arg(args, kwargs, 1, "key")
-        if mask.shape[-1] == 0 or key.shape[-2] == 0:
-            return sdpa(*args, **kwargs)  # no keys at all: PyTorch's own answer
-        # Every SDPA kernel computes a query row from that row alone, so without a
-        # backward the NaN of a fully masked row stays there and is cleared below;
-        # only a backward (0 * NaN in the key/value gradients) needs the safe mask.
-        value = get_arg(args, kwargs, 2, "value")
-        backward = torch.is_grad_enabled() and (
-            query.requires_grad or key.requires_grad or value.requires_grad or mask.requires_grad
-        )
-        rows, kernel_mask = masks.rows_and_safe_mask(mask, admit=backward, keepdim=True, in_place=mask_is_own)
-        if kernel_mask is None:
-            return sdpa(*args, **kwargs)  # common case on CPU: nothing to fix
-        if kernel_mask is not mask:
-            args, kwargs = with_arg(args, kwargs, ATTN_MASK, "attn_mask", kernel_mask)
+        fix = _fix_for(sdpa, args, kwargs, mask, mask_is_own)
     except Exception:  # noqa: BLE001 - malformed input: let PyTorch raise its own error
+        fix = None
+    # The kernel runs once, outside the try: an exception of its own (an error,
+    # or activation checkpointing's signal to stop recomputing) is the caller's.
+    if fix is None:
         return sdpa(*args, **kwargs)
+    rows, args, kwargs = fix
     return masks.clear_result_rows(_kernel_call(sdpa, args, kwargs), rows, keepdim=True)
+
+
+def _fix_for(
+    sdpa: Callable[..., Tensor], args: tuple, kwargs: dict, mask: Tensor, mask_is_own: bool
+) -> tuple[Tensor, tuple, dict] | None:
+    """The fully masked rows and the arguments to call the kernel with, or None
+    when the call needs no change."""
+    query = get_arg(args, kwargs, 0, "query")
+    if _kernel_is_safe(sdpa, query):
+        return None
+    key = get_arg(args, kwargs, 1, "key")
+    if mask.shape[-1] == 0 or key.shape[-2] == 0:
+        return None  # no keys at all: PyTorch's own answer
+    # Every SDPA kernel computes a query row from that row alone, so without a
+    # backward the NaN of a fully masked row stays there and is cleared after;
+    # only a backward (0 * NaN in the key/value gradients) needs the safe mask.
+    value = get_arg(args, kwargs, 2, "value")
+    backward = torch.is_grad_enabled() and (
+        query.requires_grad or key.requires_grad or value.requires_grad or mask.requires_grad
+    )
+    rows, kernel_mask = masks.rows_and_safe_mask(mask, admit=backward, keepdim=True, in_place=mask_is_own)
+    if kernel_mask is None:
+        return None  # common case on CPU: nothing to fix
+    if kernel_mask is not mask:
+        args, kwargs = with_arg(args, kwargs, ATTN_MASK, "attn_mask", kernel_mask)
+    return rows, args, kwargs
 
 
 def _kernel_call(sdpa: Callable[..., Tensor], args: tuple, kwargs: dict) -> Tensor:

@@ -33,17 +33,15 @@ def _encoder_layer_wrapper(wrapped: Callable[..., Tensor], instance: Any, args: 
         return wrapped(*args, **kwargs)
     if overrides_engaged(args, kwargs):
         return dispatch_overrides(torch._transformer_encoder_layer_fwd, args, kwargs)
+    mask_type = get_arg(args, kwargs, MASK_TYPE, "mask_type")
     try:
-        mask_type = get_arg(args, kwargs, MASK_TYPE, "mask_type")
-        if mask_type not in (0, 1, 2) or mask.shape[-1] == 0:
-            return wrapped(*args, **kwargs)
-        fix = masks.rows_and_kernel_mask(mask, drop=True)
-        if fix is None:
-            return wrapped(*args, **kwargs)
-        rows, kernel_mask = fix
-        call_args, call_kwargs = with_arg(args, kwargs, MASK, "mask", kernel_mask)
+        fix = masks.rows_and_kernel_mask(mask, drop=True) if mask_type in (0, 1, 2) and mask.shape[-1] else None
     except Exception:  # noqa: BLE001 - malformed input: let PyTorch raise its own error
+        fix = None
+    if fix is None:  # the kernel runs once, outside the try: its own errors are the caller's
         return wrapped(*args, **kwargs)
+    rows, kernel_mask = fix
+    call_args, call_kwargs = with_arg(args, kwargs, MASK, "mask", kernel_mask)
     return masks.clear_result_rows(wrapped(*call_args, **call_kwargs), _rows_with_nan(rows, mask_type))
 
 
