@@ -135,7 +135,7 @@ class PatchPoint:
         # alias for it stays valid.
         spare, self._token = self._spare
         self.handle = wrapt.wrap_object(module, self.path, lambda _original: spare)
-        for alias in self.aliases:
+        for alias in self.aliases + _home_name(original, spare):
             alias_module = sys.modules.get(alias[0])
             try:
                 holds_original = wrapt.resolve_path(alias_module, alias[1])[2] is original
@@ -212,6 +212,7 @@ class PlainFunctionPoint(PatchPoint):
     # neither redo ``prepare``'s inspection nor build a new function (as
     # PatchPoint reuses its wrapper).
     _prepared: Any = field(default=None, repr=False)
+    _home: Any = field(default=None, repr=False)  # (module, name) of the original's own name, if we took it too
 
     @property
     def qualname(self) -> str:
@@ -241,6 +242,7 @@ class PlainFunctionPoint(PatchPoint):
             return
         self._token = token
         put(patched)
+        self._home = _take_home_name(original, patched)
         self.handle = (patched, original)
         self.state, self.note = "installed", ""
         logger.debug("attnpatch: installed %s", self.qualname)
@@ -264,6 +266,11 @@ class PlainFunctionPoint(PatchPoint):
             current, _, put = self._slot(sys.modules[self.module])
         except Exception:  # noqa: BLE001
             current = put = None
+        if self._home is not None:
+            module, name = self._home
+            if getattr(module, name, None) is patched:
+                setattr(module, name, original)
+            self._home = None
         if current is patched:
             put(original)
             self.state, self.note = "off", ""
@@ -450,6 +457,29 @@ def _plain_function(original: Any, wrapper: Callable[..., Any]) -> Callable[...,
         return wrapper(original, None, args, kwargs)
 
     return replacement
+
+
+def _home_name(original: Any, replacement: Any) -> tuple[tuple[str, str], ...]:
+    """``original``'s own module-level name, as an alias to patch too, when its
+    replacement is a plain function (which pickle finds by that name and must find
+    there; see ``_take_home_name``)."""
+    if isinstance(replacement, PatchWrapper) or "." in getattr(original, "__qualname__", "."):
+        return ()
+    return ((original.__module__, original.__qualname__),)
+
+
+def _take_home_name(original: Any, replacement: Any) -> tuple[Any, str] | None:
+    """Put ``replacement`` under ``original``'s own module-level name too, where
+    that still holds ``original`` and is not where it was patched (a function
+    replaced in a dict, like transformers' attention table): pickle finds a
+    function by that name and requires it to be the very object, so only then
+    does the replacement pickle as the original does. Returns where it went."""
+    module = sys.modules.get(getattr(original, "__module__", None) or "")
+    name = getattr(original, "__qualname__", "")
+    if module is None or "." in name or getattr(module, name, None) is not original:
+        return None
+    setattr(module, name, replacement)
+    return module, name
 
 
 def _from_torch(function: Any) -> bool:

@@ -528,6 +528,27 @@ def gradient_checkpointing_training_step():
 
 
 @case("hf")
+def pickling_transformers_objects():
+    """The attention table's entries and model files' functions (replaced by
+    plain functions under attnpatch), generate() and from_pretrained."""
+    import transformers
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from transformers.models.llama import modeling_llama
+
+    seen = {}
+    for name, obj in {
+        "sdpa_entry": ALL_ATTENTION_FUNCTIONS["sdpa"], "eager_llama": modeling_llama.eager_attention_forward,
+        "generate": transformers.LlamaForCausalLM.generate,
+        "from_pretrained": transformers.PreTrainedTokenizerFast.from_pretrained,
+    }.items():
+        try:
+            seen[name] = [pickle.loads(pickle.dumps(obj)) == obj, copy.deepcopy(obj) == obj]
+        except Exception as exc:  # noqa: BLE001
+            seen[name] = error(exc)
+    return seen
+
+
+@case("hf")
 def generate_state():
     model = tiny_llama("sdpa").eval()
     torch.manual_seed(1)
