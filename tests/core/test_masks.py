@@ -59,6 +59,58 @@ def test_a_row_with_no_key_at_all_is_fully_masked(drop, traced):
         assert masks.fully_masked_rows(torch.ones(2, 3, 0, dtype=torch.bool), drop=drop).all()
 
 
+@pytest.mark.parametrize("drop", [False, True], ids=["keep", "drop"])
+@pytest.mark.parametrize("keepdim", [False, True])
+def test_large_bool_mask_read_as_words_matches_definition(drop, keepdim):
+    """A bool mask of 64 Ki elements or more is read four keys at a time (as int32
+    words): a word of all True or all False is not yet a row of them."""
+    mask = torch.zeros(16, 4096, dtype=torch.bool)
+    mask[1] = True
+    mask[2, :4] = True  # one word all True, the rest False
+    mask[3, 5] = True  # one True key
+    mask[4] = True
+    mask[4, -1] = False  # all True but one key
+    mask[5] = True
+    mask[5, 4:8] = False  # all True but one word
+    assert masks._packs_into_int32(mask)  # the formulation this test is about
+    expected = _python_rows(mask, drop)
+    rows = masks.fully_masked_rows(mask, drop=drop, keepdim=keepdim)
+    assert torch.equal(rows, expected.unsqueeze(-1) if keepdim else expected)
+
+
+@pytest.mark.parametrize("drop", [False, True], ids=["keep", "drop"])
+def test_long_rows_are_counted_without_overflow(drop):
+    """Where keys are counted (torch.compile, export, tensor subclasses), a row of
+    40000 keys, more than int16 can count, is still told apart."""
+    mask = torch.full((3, 40000), drop)  # row 0: every key masked
+    mask[1, 7] = not drop  # one key admitted
+    mask[2] = not drop  # every key admitted
+    with _as_if_traced(True):
+        assert masks.fully_masked_rows(mask, drop=drop).tolist() == [True, False, False]
+
+
+def test_a_mask_changed_in_place_is_looked_at_again(monkeypatch):
+    """The fully masked rows of the last mask are remembered (every layer of a
+    forward gets the same mask), but a mask changed in place between two calls
+    has its rows found again: a row that admits keys now is not cleared."""
+    import torch.nn.functional as F
+
+    import attnpatch
+
+    monkeypatch.setattr(masks, "FORCE_GENERAL_PATH", True)  # CPU's kernels fix these rows themselves
+    q, k, v = torch.randn(3, 1, 2, 3, 4).unbind()
+    mask = torch.ones(3, 3, dtype=torch.bool)
+    mask[0] = False
+    with attnpatch.patched("sdpa"):
+        before = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        mask[0] = True  # in place: row 0 admits every key now
+        after = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert torch.equal(before[..., 0, :], torch.zeros(1, 2, 4))
+    plain = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert plain[..., 0, :].ne(0).any()
+    assert torch.equal(after, plain)
+
+
 def _as_if_traced(traced: bool):
     """Make the mask functions take the formulations they use for tensors that are
     not plain eager tensors (compile, export, DTensor, torch.func)."""
