@@ -201,7 +201,7 @@ def clear_result_rows(out: Tensor, rows: Tensor, fill: Tensor | None = None, *, 
     if may_inspect_values(out):
         # On CPU a boolean index writes just the flagged rows (given a whole row
         # as the value); masked_fill_ and where walk every element.
-        value = torch.zeros(out.shape[-1], dtype=out.dtype) if fill is None else fill.to(out.dtype)
+        value = torch.zeros(out.shape[-1], dtype=out.dtype, device=out.device) if fill is None else fill.to(out.dtype)
         out[(rows[..., 0] if keepdim else rows).expand(out.shape[:-1])] = value
         return out
     flagged = rows if keepdim else rows.unsqueeze(-1)

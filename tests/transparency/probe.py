@@ -185,6 +185,35 @@ def global_state_after_each_target():
 
 
 @case("state")
+def calls_under_another_default_dtype_and_device():
+    """CPU tensors given explicitly while the default device is meta and the
+    default dtype float64: nothing attnpatch makes may land elsewhere."""
+    seen = {}
+    x, mha, layer = inputs(), mha_module(), encoder_layer().eval()
+    float_mask = torch.zeros(KEEP.shape).masked_fill(~KEEP, float("-inf"))
+    calls = {
+        "sdpa_bool": lambda: sdpa(x), "sdpa_float": lambda: sdpa(x, float_mask),
+        "mha_weights": lambda: mha(x, x, x, key_padding_mask=PAD, attn_mask=CAUSAL)[0],
+        "mha_fast_path": lambda: mha.eval()(x, x, x, key_padding_mask=PAD, attn_mask=CAUSAL)[0],
+        "encoder_fast_path": lambda: layer(x, src_mask=CAUSAL, src_key_padding_mask=PAD),
+    }
+    torch.set_default_dtype(torch.float64)
+    torch.set_default_device("meta")
+    try:
+        for name, call in calls.items():
+            try:
+                with torch.no_grad():
+                    out = call()
+                seen[name] = [str(out.device), digest(out[VALID])]
+            except Exception as exc:  # noqa: BLE001 - the error is the observation
+                seen[name] = error(exc)
+    finally:
+        torch.set_default_device(None)
+        torch.set_default_dtype(torch.float32)
+    return seen
+
+
+@case("state")
 def first_masked_call_under_watchers():
     """The first masked call of a dtype (where attnpatch once checked torch's
     kernels inside the call) under a profiler, saved-tensor hooks and no_grad."""
