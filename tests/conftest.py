@@ -1,4 +1,6 @@
 import os
+import sys
+import zlib
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -28,3 +30,25 @@ def _no_patch_leaks():
         entry["holders"] == 0 and entry["state"] in ("off", "displaced") or entry["state"] == "off"
         for entry in attnpatch.status().values()
     )
+
+
+@pytest.fixture(autouse=True)
+def _torch_seed(request):
+    """Every test starts from its own torch seed, whatever ran before it: torch's
+    global generator (seeded at random per process) is not carried from test to
+    test, so a test's values do not depend on which tests ran before it. Under
+    pytest-randomly the seed also follows ``--randomly-seed``, so that a failure
+    is replayed by passing the seed the run printed."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        base = request.config.getoption("randomly_seed", None)
+        base = base if isinstance(base, int) else 0
+        torch.manual_seed((base + zlib.crc32(request.node.nodeid.encode())) % 2**63)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """The seed of a failed run at its end, also under ``-q`` (where pytest prints no
+    header): the test order and every test's random seeds follow from it."""
+    seed = config.getoption("randomly_seed", None)
+    if exitstatus not in (0, 5) and isinstance(seed, int):
+        terminalreporter.write_line(f"to replay this test order and these seeds, run pytest with --randomly-seed={seed}")
