@@ -57,8 +57,10 @@ MASK = 4  # attention_mask: (module, query, key, value, attention_mask, ...)
 # --- sdpa / flex: entries of AttentionInterface._global_mapping -----------------
 
 
-def _zero_padded_rows(point: PlainFunctionPoint) -> Callable[..., Any]:
-    """Wrapper for a function returning ``(output (B, L, H, D), extra)``."""
+def zero_padded_rows(key: str) -> Callable[..., Any]:
+    """Wrapper for the function of entry ``key``, returning ``(output (B, L, H, D), extra)``.
+    ``attnpatch.transformers`` registers the same wrapper around transformers'
+    own sdpa function as the ``attnpatch_sdpa`` implementation."""
 
     def wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple, kwargs: dict) -> Any:
         mask = get_arg(args, kwargs, MASK, "attention_mask")
@@ -66,7 +68,7 @@ def _zero_padded_rows(point: PlainFunctionPoint) -> Callable[..., Any]:
             return wrapped(*args, **kwargs)  # no mask, a BlockMask (already safe), or a subclass's call
         if not (mask.dtype == torch.bool or mask.is_floating_point()) or mask.shape[-1] == 0:
             return wrapped(*args, **kwargs)
-        if point.key == "sdpa" and mask.dtype == torch.bool and _sdpa_fixes_it(get_arg(args, kwargs, 1, "query")):
+        if key == "sdpa" and mask.dtype == torch.bool and _sdpa_fixes_it(get_arg(args, kwargs, 1, "query")):
             return wrapped(*args, **kwargs)  # the SDPA call it makes gives these rows 0
         rows = masks.hf_fully_masked_rows(mask)  # (B, H or 1, L)
         if masks.may_inspect_values(mask) and not rows.any():
@@ -91,9 +93,9 @@ def _sdpa_fixes_it(query: Any) -> bool:
 
 
 def _entry(key: str) -> PlainFunctionPoint:
-    point = PlainFunctionPoint("transformers.modeling_utils", "AttentionInterface._global_mapping", key=key)
-    point.wrapper = _zero_padded_rows(point)
-    return point
+    return PlainFunctionPoint(
+        "transformers.modeling_utils", "AttentionInterface._global_mapping", zero_padded_rows(key), key=key
+    )
 
 
 # --- eager: each model file's eager_attention_forward ---------------------------

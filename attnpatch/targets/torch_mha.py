@@ -6,7 +6,8 @@ module classes themselves are never touched):
 
 * ``torch.nn.functional.multi_head_attention_forward`` (training, grad, and every
   case the fast path declines). We run a copy of PyTorch's *own* function object
-  (same code, so valid rows are bitwise identical) whose global ``softmax`` is
+  (same code, so valid rows are bitwise identical; built once, on import, and
+  shared with ``attnpatch.functional``) whose global ``softmax`` is
   ``aten._safe_softmax`` (0 for an all ``-inf`` row, with a finite backward) and
   whose ``scaled_dot_product_attention`` is the sanitised one. A fully masked
   row, even in only some heads, then has weights 0 and attention output 0, so
@@ -21,6 +22,7 @@ module classes themselves are never touched):
 from __future__ import annotations
 
 import contextvars
+import inspect
 import types
 from typing import Any, Callable
 
@@ -86,31 +88,42 @@ def _mask_storages(args: tuple, kwargs: dict) -> frozenset[int] | None:
     return frozenset(storages)
 
 
-_safe_mha_forward: Callable[..., Any] | None = None  # the copy, built at install time
+def _safe_copy(original: Callable[..., Any]) -> Callable[..., Any] | None:
+    """The copy of torch's own function that runs the fix; None when ``original``
+    is not torch's plain function (another library's replacement without a
+    ``__wrapped__``), whose copy would not reach torch's softmax."""
+    if type(original) is not types.FunctionType or original.__module__ != "torch.nn.functional":
+        return None
+    return copy_with_globals(
+        original,
+        softmax=masks.safe_softmax,
+        scaled_dot_product_attention=_sanitised_sdpa,
+        # Re-dispatch from __torch_function__ handling (used by torch.compile's
+        # tracing modes) must come back to the sanitised copy, not the original
+        # (which is what F.multi_head_attention_forward is while attnpatch is off).
+        multi_head_attention_forward=_dispatch_again,
+    )
+
+
+def _dispatch_again(*args: Any, **kwargs: Any) -> Any:
+    return _safe_mha_forward(*args, **kwargs)  # type: ignore[misc] - only ever called from that copy
+
+
+# torch's own function (under any wrappers that name what they wrap, attnpatch's
+# included) and its safe copy, which the patched target and attnpatch.functional
+# both run. Built on import, before any attnpatch wrapper exists.
+TORCH_MHA_FORWARD = inspect.unwrap(F.multi_head_attention_forward)
+_safe_mha_forward = _safe_copy(TORCH_MHA_FORWARD)
 
 
 def _prepare_mha_forward(original: Any) -> Callable[..., Any]:
-    global _safe_mha_forward
-    if type(original) is not types.FunctionType or original.__module__ != "torch.nn.functional":
-        # Cloning another library's replacement would not reach torch's softmax.
+    if original is not TORCH_MHA_FORWARD or _safe_mha_forward is None:
         raise Skip(
             "torch.nn.functional.multi_head_attention_forward is already wrapped by "
             f"something else ({type(original).__name__} {getattr(original, '__module__', '?')}."
             f"{getattr(original, '__qualname__', '?')}); attnpatch leaves it alone"
         )
-    _safe_mha_forward = copy_with_globals(
-        original,
-        softmax=masks.safe_softmax,
-        scaled_dot_product_attention=_sanitised_sdpa,
-        # Re-dispatch from __torch_function__ handling (used by torch.compile's
-        # tracing modes) must come back to the sanitised copy, not the original.
-        multi_head_attention_forward=_dispatch_again,
-    )
     return _mha_forward_wrapper
-
-
-def _dispatch_again(*args: Any, **kwargs: Any) -> Any:
-    return F.multi_head_attention_forward(*args, **kwargs)
 
 
 def _mha_forward_wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple, kwargs: dict) -> Any:
