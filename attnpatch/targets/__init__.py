@@ -5,6 +5,7 @@ which library versions it knows. Which module owns which target: see
 from __future__ import annotations
 
 import contextvars
+import sys
 import types
 from typing import Any, Callable
 
@@ -89,6 +90,20 @@ def subclass_arguments(args: tuple, kwargs: dict) -> bool:
         for value in values
         if isinstance(value, torch.Tensor)
     )
+
+
+class _TargetsPackage(types.ModuleType):
+    """This package is also ``attnpatch.targets()``, the public function: importing
+    a submodule binds the package to the parent's attribute of the same name,
+    over the function, so the package answers the call itself."""
+
+    def __call__(self) -> list[str]:
+        from attnpatch._patching import TARGETS
+
+        return sorted(TARGETS)
+
+
+sys.modules[__name__].__class__ = _TargetsPackage
 
 
 # torch last: when transformers is imported first, this package is imported

@@ -143,24 +143,22 @@ def _native_mha_wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple,
         return wrapped(*args, **kwargs)
     if overrides_engaged(args, kwargs):
         return dispatch_overrides(torch._native_multi_head_attention, args, kwargs)
+    mask_type = get_arg(args, kwargs, MASK_TYPE, "mask_type")
+    need_weights = get_arg(args, kwargs, NEED_WEIGHTS, "need_weights", True)
+    average = get_arg(args, kwargs, AVERAGE, "average_attn_weights", True)
+    bias = get_arg(args, kwargs, PROJ_BIAS, "proj_bias")
     try:
-        mask_type = get_arg(args, kwargs, MASK_TYPE, "mask_type")
-        need_weights = get_arg(args, kwargs, NEED_WEIGHTS, "need_weights", True)
-        average = get_arg(args, kwargs, AVERAGE, "average_attn_weights", True)
-        bias = get_arg(args, kwargs, PROJ_BIAS, "proj_bias")
-        if mask_type not in (0, 1, 2) or mask.shape[-1] == 0:
-            return wrapped(*args, **kwargs)
-        fix = masks.rows_and_kernel_mask(mask, drop=True)
-        if fix is None:
-            return wrapped(*args, **kwargs)
-        head_rows, kernel_mask = fix
-        call_args, call_kwargs = with_arg(args, kwargs, MASK, "mask", kernel_mask)
-        per_head_rows = masks.native_rows_per_head(head_rows, mask_type)
-        rows = per_head_rows.amin(1)  # masked in every head (amin: bool all() over a middle dim is slow on CPU)
-        per_head = mask_type == 2 and mask.shape[1] > 1 and mask.stride(1) != 0
+        fix = masks.rows_and_kernel_mask(mask, drop=True) if mask_type in (0, 1, 2) and mask.shape[-1] else None
+        if fix is not None:
+            head_rows, kernel_mask = fix
+            per_head_rows = masks.native_rows_per_head(head_rows, mask_type)
+            rows = per_head_rows.amin(1)  # masked in every head (amin: bool all() over a middle dim is slow on CPU)
+            per_head = mask_type == 2 and mask.shape[1] > 1 and mask.stride(1) != 0
     except Exception:  # noqa: BLE001 - malformed input: let PyTorch raise its own error
+        fix = None
+    if fix is None:  # the kernel runs once, outside the try: its own errors are the caller's
         return wrapped(*args, **kwargs)
-
+    call_args, call_kwargs = with_arg(args, kwargs, MASK, "mask", kernel_mask)
     out, weights = wrapped(*call_args, **call_kwargs)
     # The fast path runs without autograd, so its fresh results are fixed in place.
     out = masks.clear_result_rows(out, rows, bias)

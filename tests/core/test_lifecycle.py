@@ -52,6 +52,15 @@ def test_targets_pick_and_options_toggle():
         attnpatch.apply(nope=True)
 
 
+def test_targets_lists_the_targets_once_their_modules_are_imported():
+    """Importing a target module binds the package ``attnpatch.targets`` over the
+    function ``attnpatch.targets()``; the call must still answer."""
+    import attnpatch.targets.torch_sdpa  # noqa: F401
+
+    assert attnpatch.targets() == sorted(attnpatch._patching.TARGETS)
+    assert "sdpa" in attnpatch.targets() and "softmax" in attnpatch.targets()
+
+
 def test_patched_scopes_nest_and_count():
     with attnpatch.patched():
         with attnpatch.patched("sdpa"):
