@@ -19,9 +19,10 @@ Knows transformers 4.57 and 5.x.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
-from transformers.integrations.sdpa_attention import sdpa_attention_forward as _transformers_sdpa
+from transformers.integrations import sdpa_attention
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import AttentionInterface
 
@@ -32,6 +33,9 @@ __all__ = ["SDPA", "register", "sdpa_attention_forward"]
 SDPA = "attnpatch_sdpa"
 
 _fix_sdpa = hf_attention.zero_padded_rows("sdpa")
+# transformers' own function, also where attnpatch's hf_attention target has put
+# its replacement under that name (the replacement names what it wraps).
+_transformers_sdpa = inspect.unwrap(sdpa_attention.sdpa_attention_forward)
 
 
 def sdpa_attention_forward(*args: Any, **kwargs: Any) -> Any:
