@@ -26,7 +26,6 @@ torch's, and its call back gets the fix. A tensor subclass with its own
 from __future__ import annotations
 
 import inspect
-import types
 from typing import Any, Callable
 
 import torch
@@ -34,7 +33,7 @@ import torch.nn.functional as F
 import wrapt
 from torch import nn
 
-from attnpatch.targets import copy_with_globals, dispatch_overrides, torch_mha, torch_sdpa, torch_softmax
+from attnpatch.targets import copy_with_globals, dispatch_overrides, namespace_copy, torch_mha, torch_sdpa, torch_softmax
 
 __all__ = ["scaled_dot_product_attention", "multi_head_attention_forward", "softmax", "MultiheadAttention"]
 
@@ -103,13 +102,6 @@ _native_multi_head_attention = _fixed(
 )
 
 
-def _namespace_with(source: types.ModuleType, **overrides: Any) -> types.ModuleType:
-    """A module holding what ``source`` holds, with ``overrides`` in place of some names."""
-    copy = types.ModuleType(source.__name__)
-    copy.__dict__.update(vars(source), **overrides)
-    return copy
-
-
 class MultiheadAttention(nn.MultiheadAttention):
     """``nn.MultiheadAttention`` (same arguments, parameters and state dict) under
     the contract, on every path: training, ``need_weights`` True and False,
@@ -121,6 +113,6 @@ class MultiheadAttention(nn.MultiheadAttention):
 
     forward = copy_with_globals(
         nn.MultiheadAttention.forward,
-        F=_namespace_with(F, multi_head_attention_forward=multi_head_attention_forward),
-        torch=_namespace_with(torch, _native_multi_head_attention=_native_multi_head_attention),
+        F=namespace_copy(F, multi_head_attention_forward=multi_head_attention_forward),
+        torch=namespace_copy(torch, _native_multi_head_attention=_native_multi_head_attention),
     )

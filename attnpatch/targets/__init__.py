@@ -33,6 +33,16 @@ def copy_with_globals(function: Callable[..., Any], **overrides: Any) -> Callabl
     return copy
 
 
+def namespace_copy(source: types.ModuleType, name: str | None = None, **overrides: Any) -> types.ModuleType:
+    """A module holding what ``source`` holds, with ``overrides`` in place of some
+    names (named ``name``, or as ``source``): the globals a ``copy_with_globals``
+    copy sees as, say, ``torch.nn``."""
+    copy = types.ModuleType(name or source.__name__)
+    copy.__dict__.update(vars(source))
+    copy.__dict__.update(overrides)
+    return copy
+
+
 def call_with(variable: contextvars.ContextVar, value: Any, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """``function(*args, **kwargs)`` with ``variable`` set to ``value`` while it runs."""
     token = variable.set(value)

@@ -49,7 +49,7 @@ from torch import Tensor
 
 from attnpatch import masks
 from attnpatch._patching import PatchPoint, PlainFunctionPoint, PointFamily, Skip
-from attnpatch.targets import copy_with_globals, get_arg, subclass_arguments, torch_sdpa, with_arg
+from attnpatch.targets import copy_with_globals, namespace_copy, get_arg, subclass_arguments, torch_sdpa, with_arg
 
 MASK = 4  # attention_mask: (module, query, key, value, attention_mask, ...)
 
@@ -101,18 +101,11 @@ def _entry(key: str) -> PlainFunctionPoint:
 # --- eager: each model file's eager_attention_forward ---------------------------
 
 
-def _namespace_copy(name: str, source: types.ModuleType, **overrides: Any) -> types.ModuleType:
-    copy = types.ModuleType(name)
-    copy.__dict__.update(vars(source))
-    copy.__dict__.update(overrides)
-    return copy
-
-
 # torch.nn as the eager functions see it: the same, except functional.softmax.
-SAFE_NN = _namespace_copy(
-    "attnpatch.safe_nn",
+SAFE_NN = namespace_copy(
     torch.nn,
-    functional=_namespace_copy("attnpatch.safe_nn.functional", F, softmax=masks.safe_softmax),
+    "attnpatch.safe_nn",
+    functional=namespace_copy(F, "attnpatch.safe_nn.functional", softmax=masks.safe_softmax),
 )
 
 
