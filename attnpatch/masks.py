@@ -90,7 +90,12 @@ def is_plain(tensor: Tensor) -> bool:
 def is_plain_in_eager(tensor: Tensor) -> bool:
     """``is_plain(tensor)`` and no tracer records the call (``is_traced``): the
     tensor holds real values that may be looked at, cached and changed in place."""
-    return type(tensor) is torch.Tensor and not is_traced() and not _is_functorch_wrapped(tensor)
+    return (
+        type(tensor) is torch.Tensor
+        and not torch.compiler.is_compiling()
+        and not _jit_is_tracing()  # is_traced(), spelled out: this runs on every masked call
+        and not _is_functorch_wrapped(tensor)
+    )
 
 
 def is_traced() -> bool:
