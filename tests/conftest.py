@@ -43,7 +43,13 @@ def _torch_seed(request):
     if torch is not None:
         base = request.config.getoption("randomly_seed", None)
         base = base if isinstance(base, int) else 0
-        torch.manual_seed((base + zlib.crc32(request.node.nodeid.encode())) % 2**63)
+        seed = (base + zlib.crc32(request.node.nodeid.encode())) % 2**63
+        # Not torch.manual_seed: it imports torch._dynamo on first use, which a
+        # pytester fixture set up before this one would then drop from
+        # sys.modules at teardown (its snapshot), and importing it again fails.
+        torch.default_generator.manual_seed(seed)
+        if torch.cuda.is_available():
+            torch.cuda.manual_seed_all(seed)
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):

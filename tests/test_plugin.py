@@ -2,9 +2,19 @@
 attnpatch_scope fixture for one test."""
 
 
+import torch  # noqa: F401 - see below
+
 import attnpatch
 
 pytest_plugins = ["pytester"]
+
+# torch is imported here, before any inner session runs in this process
+# (runpytest): an inner session that holds a target while torch is not imported
+# registers wrapt's import hook for torch, and pytester then takes the hook's
+# finder off sys.meta_path when that session ends (it restores sys.meta_path), so
+# a later inner session importing torch would not install anything. With torch
+# imported first, what the tests see no longer depends on which of them ran
+# first. (Deferring until torch is imported: test_lifecycle, in a fresh process.)
 
 # Inner test files. Each counts who holds the "sdpa" target: 0 means attnpatch is off.
 HOLDERS = """
