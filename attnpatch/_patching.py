@@ -338,18 +338,26 @@ class _ImportWatcher:
 
     def __init__(self) -> None:
         self.families: list[PointFamily] = []
+        self._asking = threading.local()  # .names: what this thread asks the finders behind us for
 
     def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
         if not any(family.matches(fullname) for family in self.families):
             return None
-        for finder in sys.meta_path:
-            if finder is self or not hasattr(finder, "find_spec"):
-                continue
-            spec = finder.find_spec(fullname, path, target)
-            if spec is not None:
-                if spec.loader is not None and hasattr(spec.loader, "exec_module"):
-                    spec.loader = _NotifyingLoader(spec.loader)
-                return spec
+        asking = self._asking.__dict__.setdefault("names", set())
+        if fullname in asking:
+            return None  # asked back by a finder like us (a second copy of attnpatch): the others answer
+        asking.add(fullname)
+        try:
+            for finder in sys.meta_path:
+                if finder is self or not hasattr(finder, "find_spec"):
+                    continue
+                spec = finder.find_spec(fullname, path, target)
+                if spec is not None:
+                    if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                        spec.loader = _NotifyingLoader(spec.loader)
+                    return spec
+        finally:
+            asking.discard(fullname)
         return None
 
 

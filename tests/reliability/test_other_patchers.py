@@ -155,6 +155,15 @@ def test_imported_twice_under_different_names(second_attnpatch, order):
     assert torch.isfinite(_mha_call()).all() and torch.isfinite(_mha_call(fast=True)).all()
     for copy in (first, second):
         assert all(p["state"] in ("installed", "skipped") for p in copy.status()["mha"]["points"])
+    if "transformers" in sys.modules:
+        # Both copies watch imports of model files (a finder each on sys.meta_path,
+        # each asking the finders behind it): finding one must end, not recurse.
+        import transformers.models.olmo
+
+        name = "transformers.models.olmo.modeling_olmo"
+        spec = next(filter(None, (f.find_spec(name, transformers.models.olmo.__path__)
+                                  for f in sys.meta_path if hasattr(f, "find_spec"))), None)
+        assert spec is not None and spec.name == name
     first.remove()  # the other's patch stays on top: ours is displaced, theirs works
     assert torch.isfinite(_mha_call(fast=True)).all()
     second.remove()
