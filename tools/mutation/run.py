@@ -223,8 +223,8 @@ MUTANTS = [
     ),
     Mutant(
         "T03", "attnpatch/targets/torch_sdpa.py",
-        "        backward = torch.is_grad_enabled() and (\n",
-        "        backward = False and (\n",
+        "backward = torch.is_grad_enabled() and (",
+        "backward = False and (",
         ("tests/core/test_general_path.py", "tests/core/test_sdpa.py"),
         "sdpa target never gives fully masked rows a key before a backward (0 * NaN in gradients)",
     ),
@@ -261,8 +261,8 @@ MUTANTS = [
     ),
     Mutant(
         "T08", "attnpatch/targets/hf_attention.py",
-        "if point.key == \"sdpa\" and mask.dtype == torch.bool and _sdpa_fixes_it(",
-        "if point.key == \"sdpa\" and _sdpa_fixes_it(",
+        "== \"sdpa\" and mask.dtype == torch.bool and _sdpa_fixes_it(",
+        "== \"sdpa\" and _sdpa_fixes_it(",
         ("tests/hf/test_attention.py",),
         "transformers' sdpa: float masks passed through as if torch's kernel fixed them (rows of the lowest value)",
         hole="transformers' sdpa function given a 4-D float mask whose pad rows hold the lowest finite value: "
