@@ -12,11 +12,12 @@ than its forward did. Here the function is handed on wrapped in
 first called.
 
 Both modes reach the function through a module global looked up at each call:
-``CheckpointFunction`` (``use_reentrant=True``) and
-``_checkpoint_without_reentrant_generator`` (``use_reentrant=False``). Patching
-those reaches every caller, also one that bound ``checkpoint`` itself before
-attnpatch was on (transformers' ``gradient_checkpointing_enable()``,
-``checkpoint_wrapper``, ``checkpoint_sequential``). torch.compile never calls
+``CheckpointFunction`` (``use_reentrant=True``) and the non-reentrant generator
+(``use_reentrant=False``; ``GENERATORS``). Patching those reaches every caller,
+also one that bound ``checkpoint`` itself before attnpatch was on
+(transformers' ``gradient_checkpointing_enable()``, ``checkpoint_wrapper``,
+``checkpoint_sequential``), and the composable ``checkpoint(module)`` API,
+which imported the generator by name (patched there too). torch.compile never calls
 them: it traces checkpointed code into its graph, fix included.
 
 Knows torch 2.5 - 2.15.
@@ -52,7 +53,13 @@ class CheckpointFunction(TORCH_CHECKPOINT_FUNCTION):
         return TORCH_CHECKPOINT_FUNCTION.forward(ctx, replaying(run_function), preserve_rng_state, *args)
 
 
+# The non-reentrant generator: ``_checkpoint_without_reentrant_generator`` up to
+# torch 2.14, ``..._impl`` from 2.15 (the old name stays as a shim calling it);
+# also where the composable ``checkpoint(module)`` API (FSDP2's) imported it by name.
+GENERATORS = ("_checkpoint_without_reentrant_generator", "_checkpoint_without_reentrant_generator_impl")
 POINTS: list[PatchPoint] = [
-    PatchPoint("torch.utils.checkpoint", "_checkpoint_without_reentrant_generator", _with_state),
+    *(PatchPoint(module, name, _with_state, optional=True)
+      for module in ("torch.utils.checkpoint", "torch.distributed._composable.checkpoint_activation")
+      for name in GENERATORS),
     ObjectPoint("torch.utils.checkpoint", "CheckpointFunction", prepare=lambda _original: CheckpointFunction),
 ]

@@ -388,6 +388,23 @@ def checkpoint_recomputes_as_the_forward_ran():
 
 
 @case("autograd")
+def composable_checkpoint_recomputes_as_the_forward_ran():
+    """``torch.distributed._composable.checkpoint(module)`` (FSDP2's API), which
+    imported torch's checkpointing internals by name."""
+    from torch.distributed._composable import checkpoint as checkpoint_module
+
+    grads = []
+    for checkpointed in (False, True):
+        layer = Attends(mha_module())
+        if checkpointed:
+            checkpoint_module(layer)
+        out, grad = _grads(layer, inputs())
+        grads.append(grad)
+    return {"same_as_without_checkpoint": _same(grads[0], grads[1]),
+            "fix_grad_finite": bool(grads[1].isfinite().all())}
+
+
+@case("autograd")
 def forward_mode_ad_and_double_backward():
     import torch.autograd.forward_ad as forward_ad
 
