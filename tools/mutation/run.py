@@ -427,17 +427,21 @@ def render(rows: list, source: str, elapsed: float) -> str:
         lines.append(
             f"| {m.id} | {m.file.removeprefix('attnpatch/')} | {m.what} | {verdict} | {_cell(why)} | {seconds:.0f} |"
         )
-    survivors = [(m, detail) for m, verdict, detail, _ in rows if verdict != "killed"]
-    lines += ["", "## Survivors", ""]
+    survivors = [(m, verdict, detail) for m, verdict, detail, _ in rows if verdict != "killed"]
+    lines += ["", "## Not killed", ""]
     if not survivors:
         lines.append("None: every mutant was killed.")
-    for m, detail in survivors:
+    for m, verdict, detail in survivors:
         if m.harmless:
             lines.append(f"- {m.id}, harmless: {m.harmless}.")
         elif m.hole:
             lines.append(f"- {m.id}, a hole: {m.hole}.")
+        elif verdict == "stale":
+            lines.append(f"- {m.id}, stale ({detail}): update its text to the code as it is now.")
+        elif verdict == "no test":
+            lines.append(f"- {m.id}, ran no test ({detail}): run it where its tests can run.")
         else:
-            lines.append(f"- {m.id}, {detail or 'unexplained'}: add a test that kills it, or say why it is harmless.")
+            lines.append(f"- {m.id}, unexplained: add a test that kills it, or say why it is harmless.")
     return "\n".join(lines) + "\n"
 
 
