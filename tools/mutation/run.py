@@ -243,7 +243,7 @@ MUTANTS = [
         "encoder layer: a row masked in some heads only keeps its NaN",
         hole="a per-head src_mask ((B*H, L, S)) with a key padding mask, masking a row in one head only: "
         "NaN without attnpatch, 0 with it. Test to add to tests/core/test_transformer.py: "
-        "test_inference_fast_path_row_masked_in_one_head_only (issue 27's report; it kills this mutant)",
+        "test_inference_fast_path_row_masked_in_one_head_only (tools/mutation/pending_tests.md; it kills this mutant)",
     ),
     Mutant(
         "T06", "attnpatch/targets/hf_attention.py",
@@ -267,7 +267,7 @@ MUTANTS = [
         "transformers' sdpa: float masks passed through as if torch's kernel fixed them (rows of the lowest value)",
         hole="transformers' sdpa function given a 4-D float mask whose pad rows hold the lowest finite value: "
         "garbage without attnpatch, 0 with it. Test to add to tests/hf/test_attention.py: "
-        "test_sdpa_function_with_an_eager_style_float_mask (issue 27's report; it kills this mutant)",
+        "test_sdpa_function_with_an_eager_style_float_mask (tools/mutation/pending_tests.md; it kills this mutant)",
     ),
     Mutant(
         "T09", "attnpatch/targets/hf_tokenizer.py",
