@@ -124,3 +124,24 @@ def test_decoder_layer_directly(monkeypatch):
     with attnpatch.patched():
         out = layer(tgt, memory, tgt_mask=causal, tgt_key_padding_mask=kpm)
     assert not has_nan(out)
+
+
+def test_inference_fast_path_row_masked_in_one_head_only():
+    """A per-head src_mask ((B*H, L, S)) that masks a query row in one head but
+    not the other: the fused layer mixes the heads, so the whole row is NaN
+    without attnpatch; with it the row is 0 and every other row bitwise."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(E, H, FF, dropout=0.0, batch_first=True).eval()
+    x = torch.randn(B, L, E)
+    mask = torch.zeros(B * H, L, L, dtype=torch.bool)
+    mask[0, 1] = True  # batch 0, head 0, query 1: no key; head 1 sees every key
+    kpm = torch.zeros(B, L, dtype=torch.bool)  # with it, the fused kernel gets the merged per-head mask
+    with torch.no_grad():
+        plain = layer(x, src_mask=mask, src_key_padding_mask=kpm)
+        assert plain[0, 1].isnan().all() and not has_nan(plain[1])  # the bug, without attnpatch
+        with attnpatch.patched("transformer"):
+            out = layer(x, src_mask=mask, src_key_padding_mask=kpm)
+    assert torch.equal(out[0, 1], torch.zeros(E))
+    rows = torch.ones(B, L, dtype=torch.bool)
+    rows[0, 1] = False
+    assert torch.equal(out[rows], plain[rows])

@@ -156,3 +156,27 @@ def test_a_torch_function_mode_keeps_the_fix(attn):
     assert torch.equal(inside.logits, outside.logits)
     for out in outputs:
         assert torch.equal(out[PADS], torch.zeros_like(out[PADS]))
+
+
+@torch.no_grad()
+def test_sdpa_function_with_an_eager_style_float_mask():
+    """transformers' sdpa attention function given a 4-D float mask that marks a
+    pad query's keys with the dtype's lowest value (the eager masks' marker, and
+    what a caller's own 4-D mask may hold): torch's kernel averages over them
+    (finite garbage); with attnpatch the row is 0, every other row bitwise."""
+    module = tiny_model("llama", "sdpa").model.layers[0].self_attn
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 3, 8), torch.randn(2, 2, 3, 8), torch.randn(2, 2, 3, 8)
+    mask = torch.zeros(2, 1, 3, 3)
+    mask[0, :, 0] = torch.finfo(mask.dtype).min
+
+    def attention():  # looked up at call time, as transformers does
+        sdpa = modeling_utils.AttentionInterface._global_mapping["sdpa"]
+        return sdpa(module, q, k, v, mask, dropout=0.0, scaling=8**-0.5)[0]  # (B, L, H, D)
+
+    plain = attention()
+    assert plain[0, 0].ne(0).any()  # the bug, without attnpatch
+    with attnpatch.patched():
+        out = attention()
+    assert torch.equal(out[0, 0], torch.zeros_like(out[0, 0]))
+    assert torch.equal(out[0, 1:], plain[0, 1:]) and torch.equal(out[1], plain[1])

@@ -241,9 +241,6 @@ MUTANTS = [
         "return masks.native_rows_per_head(head_rows, mask_type).amin(1)",
         ("tests/core/test_transformer.py", "tests/core/test_general_path.py"),
         "encoder layer: a row masked in some heads only keeps its NaN",
-        hole="a per-head src_mask ((B*H, L, S)) with a key padding mask, masking a row in one head only: "
-        "NaN without attnpatch, 0 with it. Test to add to tests/core/test_transformer.py: "
-        "test_inference_fast_path_row_masked_in_one_head_only (tools/mutation/pending_tests.md; it kills this mutant)",
     ),
     Mutant(
         "T06", "attnpatch/targets/hf_attention.py",
@@ -265,9 +262,6 @@ MUTANTS = [
         "== \"sdpa\" and _sdpa_fixes_it(",
         ("tests/hf/test_attention.py",),
         "transformers' sdpa: float masks passed through as if torch's kernel fixed them (rows of the lowest value)",
-        hole="transformers' sdpa function given a 4-D float mask whose pad rows hold the lowest finite value: "
-        "garbage without attnpatch, 0 with it. Test to add to tests/hf/test_attention.py: "
-        "test_sdpa_function_with_an_eager_style_float_mask (tools/mutation/pending_tests.md; it kills this mutant)",
     ),
     Mutant(
         "T09", "attnpatch/targets/hf_tokenizer.py",
