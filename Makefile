@@ -8,17 +8,27 @@ VENV := .venv
 VENV_HF4 := .venv-hf4
 VENV_NOX := .venv-nox
 PYTEST_ARGS ?=
-# `make matrix TORCH=2.15 TRANSFORMERS=5.24` runs one entry of noxfile.py;
-# either one alone runs every entry with that release.
+# `make matrix PY=3.13 TORCH=2.15 TRANSFORMERS=5.24` runs one entry of
+# noxfile.py; any of the three alone runs every entry with that release.
+PY ?=
 TORCH ?=
 TRANSFORMERS ?=
-# The oldest and newest torch of the matrix (`make test-edges`, part of `make
-# test`). Their environments (about 5 GB each, mostly hard links into uv's
-# cache) live outside the clone, one per entry, and are reused by the next run.
-# EDGE_RECORD=1 also writes their results into the versions table, as `make
-# matrix` does (off by default: `make test` leaves the tree as it found it).
-test-edge-oldest: EDGE_ENTRY := tests(torch='2.5', transformers='4.57')
-test-edge-newest: EDGE_ENTRY := tests(torch='2.15', transformers='5.24')
+# `make test` (CI) runs the oldest and the newest entry of the version matrix
+# (benchmarks/versions.py), side by side: the oldest Python, torch,
+# transformers and wrapt we support, and the newest. Every test runs in the
+# newest leg; the oldest leg leaves out the tests marked any_version (their
+# outcome cannot depend on a Python, torch or transformers release:
+# pyproject.toml). Their environments (about 5 GB each, mostly hard links into
+# uv's cache) live outside the clone, one per entry, and are reused by the next
+# run. EDGE_RECORD=1 also writes their results into the versions table, as `make
+# matrix` does, and then runs every test in both legs (off by default: `make
+# test` leaves the tree as it found it).
+test-edge-oldest: EDGE_PYTHON := 3.10
+test-edge-oldest: EDGE_ENTRY := tests(python='3.10', torch='2.5', transformers='4.57')
+test-edge-oldest: EDGE_SELECT := -m "not any_version"
+test-edge-newest: EDGE_PYTHON := 3.13
+test-edge-newest: EDGE_ENTRY := tests(python='3.13', torch='2.15', transformers='5.24')
+test-edge-newest: EDGE_SELECT :=
 EDGE_CACHE ?= $(HOME)/.cache/attnpatch-ci
 EDGE_RECORD ?= 0
 
@@ -48,12 +58,15 @@ $(VENV_NOX)/.ready:
 demo: $(VENV)/.ready
 	$(VENV)/bin/python -m attnpatch.demo
 
-# The four legs run side by side, each leg's output printed whole when it ends.
-# One leg alone keeps about 1.3 of 2 cores busy (much of it is subprocesses
-# starting torch), so side by side they end sooner than one after another.
+# The two legs run side by side (one leg alone keeps about 1.3 of 2 cores busy:
+# much of it is subprocesses starting torch), each leg's output printed whole
+# when it ends, with its time.
 test:
-	$(MAKE) --jobs=4 --keep-going --output-sync=target test-main test-hf4 test-edge-oldest test-edge-newest
+	$(MAKE) --jobs=2 --keep-going --output-sync=target test-edge-oldest test-edge-newest
 
+# The whole suite on this machine's CPU build of torch 2.13 with transformers 5
+# (test-main) and on the same torch with transformers 4.57 (test-hf4, the
+# Hugging Face tests): quick checks while working, not part of `make test`.
 test-main: $(VENV)/.ready
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
@@ -63,15 +76,20 @@ test-hf4: $(VENV_HF4)/.ready
 test-edges: test-edge-oldest test-edge-newest
 
 test-edge-oldest test-edge-newest: $(VENV_NOX)/.ready
+	@$(VENV_NOX)/bin/python -m benchmarks.versions find-python $(EDGE_PYTHON) > /dev/null \
+		|| { echo "$@: needs Python $(EDGE_PYTHON) for $(EDGE_ENTRY)" >&2; exit 1; }
+	@started=$$(date +%s); \
 	UV_CACHE_DIR=$(EDGE_CACHE)/uv ATTNPATCH_MATRIX_RECORD=$(EDGE_RECORD) $(VENV_NOX)/bin/python -m nox \
-		--envdir $(EDGE_CACHE)/nox --reuse-venv=yes -s "$(EDGE_ENTRY)" -- $(PYTEST_ARGS)
+		--envdir $(EDGE_CACHE)/nox --reuse-venv=yes --error-on-missing-interpreters -s "$(EDGE_ENTRY)" \
+		-- $(if $(filter 1,$(EDGE_RECORD)),,$(EDGE_SELECT)) $(PYTEST_ARGS); \
+	status=$$?; echo "$@ ($(EDGE_ENTRY)): exit $$status after $$(( $$(date +%s) - started )) s"; exit $$status
 
 # Every entry in sequence (hours on 2 cores); each one's environment and uv
 # cache are deleted after its run, so the disk holds one entry at a time.
 matrix: $(VENV_NOX)/.ready
-	ATTNPATCH_MATRIX_TORCH=$(TORCH) ATTNPATCH_MATRIX_TRANSFORMERS=$(TRANSFORMERS) \
+	ATTNPATCH_MATRIX_PYTHON=$(PY) ATTNPATCH_MATRIX_TORCH=$(TORCH) ATTNPATCH_MATRIX_TRANSFORMERS=$(TRANSFORMERS) \
 		ATTNPATCH_MATRIX_DROP_ENVS=1 UV_CACHE_DIR=$(CURDIR)/.nox/uv-cache \
-		$(VENV_NOX)/bin/python -m nox -s tests
+		$(VENV_NOX)/bin/python -m nox --error-on-missing-interpreters -s tests
 
 bench: $(VENV)/.ready
 	$(VENV)/bin/python -m benchmarks.run

@@ -1,12 +1,14 @@
-"""The version matrix's results table: what each (torch, transformers) entry of
-``noxfile.py`` gave, per test file.
+"""The version matrix's results table: what each (Python, torch, transformers)
+entry of ``noxfile.py`` gave, per test file.
 
 ``python -m benchmarks.versions record ENTRY JUNIT_XML`` runs inside an entry's
 environment after its test run: it reads the installed versions and pytest's
 JUnit report, stores them under ENTRY in ``versions.json`` and rewrites
 ``versions.md``. ``python -m benchmarks.versions render`` only rewrites the
 Markdown and the README's "Supported versions" table from the JSON;
-tests/test_versions.py checks that all three agree.
+tests/test_versions.py checks that all three agree. ``python -m
+benchmarks.versions find-python 3.10`` prints the interpreter an entry on that
+Python runs with (pyenv's, else one on PATH), or says that there is none.
 """
 
 from __future__ import annotations
@@ -15,8 +17,11 @@ import datetime
 import fcntl
 import importlib.metadata
 import json
+import os
 import platform
 import re
+import shutil
+import subprocess
 import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -42,13 +47,25 @@ TRANSFORMERS = {"4.57": "4.57.6", "5.24": "5.24.0"}
 # transformers 5 needs torch >= 2.6 (it treats an older torch as absent).
 TRANSFORMERS_MIN_TORCH = {"5.24": "2.6"}
 # The oldest wrapt with the API attnpatch uses (unwrap_object and its errors),
-# which the oldest entry installs.
+# which the entries of the oldest (torch, transformers) pair install.
 WRAPT_FLOOR = "2.4.0"
+# The Pythons we support, oldest first (pyproject's requires-python and
+# classifiers follow the ones that passed). Every (torch, transformers) pair
+# runs on GRID_PYTHON; each other Python runs the pairs listed for it: the
+# oldest pair on the oldest Python and the newest pair on the newest, so that
+# the two edge entries (`make test`, every commit) test every floor and every
+# ceiling at once, and one pair in between on 3.12.
+PYTHONS = ("3.10", "3.11", "3.12", "3.13")
+GRID_PYTHON = "3.11"
+OTHER_PYTHONS = {
+    "3.10": [("2.5", "4.57")],
+    "3.12": [("2.14", "5.24")],
+    "3.13": [("2.15", "5.24")],
+}
 
 
-
-def matrix_entries() -> list[tuple[str, str]]:
-    """Every (torch, transformers) pair of the matrix, as minor releases."""
+def _pairs() -> list[tuple[str, str]]:
+    """Every (torch, transformers) pair the releases allow, oldest first."""
     return [
         (torch, tf)
         for torch in TORCH
@@ -57,17 +74,49 @@ def matrix_entries() -> list[tuple[str, str]]:
     ]
 
 
-def entry_name(torch_minor: str, transformers_minor: str) -> str:
-    return f"torch {torch_minor} / transformers {transformers_minor}"
+def matrix_entries() -> list[tuple[str, str, str]]:
+    """Every (Python, torch, transformers) entry of the matrix, as minor
+    releases, ordered by torch, then transformers, then Python: the first is
+    the oldest of all three, the last the newest."""
+    entries = [(GRID_PYTHON, torch, tf) for torch, tf in _pairs()]
+    entries += [(python, torch, tf) for python, pairs in OTHER_PYTHONS.items() for torch, tf in pairs]
+    return sorted(entries, key=lambda e: (_release(e[1]), _release(e[2]), _release(e[0])))
 
 
-def pins(torch_minor: str, transformers_minor: str) -> dict[str, str]:
-    """The releases an entry installs. The oldest entry takes the oldest wrapt
-    too (every floor at once); the others take the newest wrapt."""
+def entry_name(python_minor: str, torch_minor: str, transformers_minor: str) -> str:
+    return f"Python {python_minor} / torch {torch_minor} / transformers {transformers_minor}"
+
+
+def pins(python_minor: str, torch_minor: str, transformers_minor: str) -> dict[str, str]:
+    """The releases an entry installs (its Python is the interpreter nox runs
+    it with). The entries of the oldest (torch, transformers) pair take the
+    oldest wrapt too (every floor at once); the others take the newest wrapt."""
     pinned = {"torch": TORCH[torch_minor], "transformers": TRANSFORMERS[transformers_minor]}
-    if (torch_minor, transformers_minor) == matrix_entries()[0]:
+    if (torch_minor, transformers_minor) == _pairs()[0]:
         pinned["wrapt"] = WRAPT_FLOOR
     return pinned
+
+
+def find_python(minor: str) -> str | None:
+    """An interpreter of Python ``minor`` (e.g. "3.10"): pyenv's newest
+    installed X.Y.Z, else a ``pythonX.Y`` on PATH that runs (a pyenv shim of a
+    version that is not selected does not), else None."""
+    root = Path(os.environ.get("PYENV_ROOT") or Path.home() / ".pyenv")
+    found = sorted(
+        (d for d in (root / "versions").glob(f"{minor}.*") if re.fullmatch(rf"{re.escape(minor)}\.\d+", d.name)),
+        key=lambda d: _release(d.name), reverse=True,
+    )
+    candidates = [str(d / "bin" / f"python{minor}") for d in found]
+    candidates.append(shutil.which(f"python{minor}") or "")
+    for candidate in filter(None, candidates):
+        try:
+            ran = subprocess.run([candidate, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+                                 capture_output=True, text=True, timeout=60)
+        except OSError:
+            continue
+        if ran.returncode == 0 and ran.stdout.strip() == minor:
+            return candidate
+    return None
 
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -173,7 +222,8 @@ def _release(version: str) -> tuple[int, ...]:
 
 def _entry_key(result: dict) -> tuple:
     versions = result["versions"]
-    return (_release(versions["torch"]), _release(versions["transformers"]), _release(versions["wrapt"]))
+    return (_release(versions["torch"]), _release(versions["transformers"]), _release(versions["python"]),
+            _release(versions["wrapt"]))
 
 
 def _summary(totals: dict[str, int]) -> str:
@@ -184,12 +234,21 @@ def _summary(totals: dict[str, int]) -> str:
 
 
 def supported_range(data: dict) -> dict[str, str]:
-    """Oldest torch and wrapt that every entry using them passed with."""
+    """Oldest Python, torch and wrapt that every entry using them passed with."""
     green = [result for result in data["entries"].values() if result["green"]]
     return {
-        "torch": min((r["versions"]["torch"] for r in green), key=_release, default="none"),
-        "wrapt": min((r["versions"]["wrapt"] for r in green), key=_release, default="none"),
+        package: min((r["versions"][package] for r in green), key=_release, default="none")
+        for package in ("python", "torch", "wrapt")
     }
+
+
+def pythons_passed(data: dict) -> list[str]:
+    """The Python minor releases with at least one entry run, every entry run
+    on them green (pyproject's classifiers list exactly these)."""
+    runs: dict[str, list[bool]] = {}
+    for result in data["entries"].values():
+        runs.setdefault(_minor(result["versions"]["python"]), []).append(result["green"])
+    return sorted((python for python, green in runs.items() if all(green)), key=_release)
 
 
 def _minor(version: str) -> str:
@@ -198,11 +257,12 @@ def _minor(version: str) -> str:
 
 def readme_table(data: dict, per_file: str | None = "benchmarks/results/versions.md") -> str:
     """The README's tables: what is supported (the oldest release every entry
-    passed with, and up) and what was run; then a grid, one row per torch
-    release of the matrix and one column per transformers release, each cell
-    the whole suite's outcome."""
+    passed with, and up) and what was run; then a grid, one row per Python and
+    torch release of the matrix and one column per transformers release, each
+    cell the whole suite's outcome."""
     entries = data["entries"]
     floor = supported_range(data)
+    passed = pythons_passed(data)
 
     def tested(package: str) -> str:
         return ", ".join(sorted({r["versions"][package] for r in entries.values()}, key=_release))
@@ -210,29 +270,36 @@ def readme_table(data: dict, per_file: str | None = "benchmarks/results/versions
     lines = [
         "| library | supported | tested |",
         "|---|---|---|",
-        f"| Python | 3.10 + | {tested('python')} only (the one Python of the test machine) |",
+        f"| Python | {', '.join(passed) if passed else 'none'} | {tested('python')} |",
         f"| torch | {_minor(floor['torch'])} + | {tested('torch')} |",
         f"| transformers | 4.57 and 5.x | {tested('transformers')} |",
         f"| wrapt | {floor['wrapt']} + (< 3) | {tested('wrapt')} |",
         "",
-        "| torch \\ transformers | " + " | ".join(TRANSFORMERS.values()) + " |",
-        "|---|" + "---|" * len(TRANSFORMERS),
+        "| Python | torch \\ transformers | " + " | ".join(TRANSFORMERS.values()) + " |",
+        "|---|---|" + "---|" * len(TRANSFORMERS),
     ]
-    pairs = set(matrix_entries())
-    for torch_minor, torch_version in TORCH.items():
-        cells = []
-        for tf_minor, tf_version in TRANSFORMERS.items():
-            result = entries.get(entry_name(torch_minor, tf_minor))
-            if (torch_minor, tf_minor) not in pairs:
-                cells.append(f"— (needs torch {TRANSFORMERS_MIN_TORCH[tf_minor]} +)")
-            else:
-                cells.append(_summary(result["totals"]) if result else "not run yet")
-        lines.append(f"| {torch_version} | " + " | ".join(cells) + " |")
-    oldest = entry_name(*matrix_entries()[0])
+    in_matrix = set(matrix_entries())
+    for python in PYTHONS:
+        torches = [t for t in TORCH if any((python, t, tf) in in_matrix for tf in TRANSFORMERS)]
+        for torch_minor in torches:
+            cells = []
+            for tf_minor in TRANSFORMERS:
+                result = entries.get(entry_name(python, torch_minor, tf_minor))
+                if (python, torch_minor, tf_minor) in in_matrix:
+                    cells.append(_summary(result["totals"]) if result else "not run yet")
+                elif _release(torch_minor) < _release(TRANSFORMERS_MIN_TORCH.get(tf_minor, "0")):
+                    cells.append(f"— (needs torch {TRANSFORMERS_MIN_TORCH[tf_minor]} +)")
+                else:
+                    cells.append("—")
+            lines.append(f"| {python} | {TORCH[torch_minor]} | " + " | ".join(cells) + " |")
+    oldest, newest = matrix_entries()[0], matrix_entries()[-1]
     lines.append("")
     lines.append(
-        f"The first entry ({oldest}) runs with wrapt {WRAPT_FLOOR}, the oldest supported, so that it"
-        " tests every floor at once; the others with the newest wrapt."
+        f"Every torch and transformers pair runs on Python {GRID_PYTHON}; the other Pythons run the pairs"
+        f" shown (— : not in the matrix). The entries of torch {oldest[1]} / transformers {oldest[2]}"
+        f" run with wrapt {WRAPT_FLOOR}, the oldest supported, the others with the newest wrapt;"
+        f" `make test` runs the oldest entry ({entry_name(*oldest)}) and the newest"
+        f" ({entry_name(*newest)}) on every commit."
         + (f" Per test file: [{per_file}]({per_file})." if per_file else "")
     )
     return "\n".join(lines)
@@ -243,7 +310,7 @@ def markdown(data: dict) -> str:
         "# attnpatch version matrix",
         "",
         "The whole test suite on each entry of `noxfile.py` (`make matrix`, or one entry:",
-        "`make matrix TORCH=2.15 TRANSFORMERS=5.24`). Generated by `python -m benchmarks.versions`",
+        "`make matrix PY=3.13 TORCH=2.15 TRANSFORMERS=5.24`). Generated by `python -m benchmarks.versions`",
         "from [versions.json](versions.json); do not edit by hand.",
         "",
         readme_table(data, per_file=None),
@@ -291,6 +358,14 @@ def main(argv: list[str]) -> int:
         return 0
     if argv == ["render"]:
         render()
+        return 0
+    if argv[:1] == ["find-python"] and len(argv) == 2:
+        found = find_python(argv[1])
+        if found is None:
+            print(f"Python {argv[1]} not found (neither in pyenv's versions nor as python{argv[1]} on PATH):"
+                  f" install it, e.g. `pyenv install {argv[1]}`", file=sys.stderr)
+            return 1
+        print(found)
         return 0
     print(__doc__, file=sys.stderr)
     return 2

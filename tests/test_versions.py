@@ -1,7 +1,8 @@
 """The version matrix's results agree with what the project says and asks for:
 the README's "Supported versions" tables and benchmarks/results/versions.md are
-generated from versions.json, every entry is green, and pyproject.toml's floors
-are the oldest releases the matrix passed, with no cap on torch."""
+generated from versions.json, every entry is green, pyproject.toml's floors
+are the oldest releases the matrix passed, with no cap on torch, and its Python
+classifiers are exactly the Pythons that passed."""
 
 import os
 import sys
@@ -12,10 +13,14 @@ from packaging.version import Version
 
 from benchmarks import versions
 
-pytestmark = pytest.mark.skipif(
-    os.environ.get("ATTNPATCH_MATRIX_RECORDING") == "1",
-    reason="a matrix entry is rewriting the table these tests check (they run in CI and `make test`)",
-)
+pytestmark = [
+    pytest.mark.skipif(
+        os.environ.get("ATTNPATCH_MATRIX_RECORDING") == "1",
+        reason="a matrix entry is rewriting the table these tests check (they run in CI and `make test`)",
+    ),
+    # They read files only: one leg of `make test` runs them.
+    pytest.mark.any_version,
+]
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -29,8 +34,12 @@ def data():
 
 
 @pytest.fixture(scope="module")
-def requirements():
-    project = tomllib.loads((versions.ROOT / "pyproject.toml").read_text())["project"]
+def project():
+    return tomllib.loads((versions.ROOT / "pyproject.toml").read_text())["project"]
+
+
+@pytest.fixture(scope="module")
+def requirements(project):
     return {Requirement(text).name: Requirement(text) for text in project["dependencies"]}
 
 
@@ -42,10 +51,12 @@ def test_every_entry_run_is_green(data):
 def test_the_oldest_entry_was_run_and_every_entry_with_its_pins(data):
     """The floors rest on the oldest entry (the README's grid shows any entry
     not run yet as such; `make test` runs the newest in every CI run)."""
-    names = {versions.entry_name(*pair): pair for pair in versions.matrix_entries()}
+    names = {versions.entry_name(*entry): entry for entry in versions.matrix_entries()}
     assert versions.entry_name(*versions.matrix_entries()[0]) in data["entries"]
     for name, result in data["entries"].items():
         assert name in names, f"{name}: not an entry of the matrix (stale?)"
+        python = names[name][0]
+        assert Version(result["versions"]["python"]).release[:2] == Version(python).release, f"{name}: ran on Python {result['versions']['python']}"
         for package, release in versions.pins(*names[name]).items():
             assert result["versions"][package] == release, f"{name}: ran {package} {result['versions'][package]}"
 
@@ -70,11 +81,22 @@ def test_wrapt_floor_is_the_oldest_release_the_matrix_passed(data, requirements)
     assert specs["<"] == Version("3")  # the next major release may change the wrapper API
 
 
+def test_python_classifiers_and_floor_are_the_pythons_that_passed(data, project):
+    """Every supported Python has a green entry, pyproject's classifiers name
+    exactly those, and requires-python is the oldest of them."""
+    passed = versions.pythons_passed(data)
+    assert passed == list(versions.PYTHONS)
+    classifiers = [c.rsplit(" :: ", 1)[1] for c in project["classifiers"]
+                   if c.startswith("Programming Language :: Python :: 3.")]
+    assert classifiers == passed
+    assert project["requires-python"] == f">={passed[0]}"
+
+
 def test_make_test_runs_the_oldest_and_newest_entries():
     makefile = (versions.ROOT / "Makefile").read_text()
     legs = makefile.split("\ntest:\n", 1)[1].splitlines()[0].split()  # CI runs `make test`
-    assert {"test-main", "test-hf4", "test-edge-oldest", "test-edge-newest"} <= set(legs)
-    for leg, (torch_minor, transformers_minor) in (
-        ("test-edge-oldest", versions.matrix_entries()[0]), ("test-edge-newest", versions.matrix_entries()[-1])
-    ):
-        assert f"\n{leg}: EDGE_ENTRY := tests(torch='{torch_minor}', transformers='{transformers_minor}')\n" in makefile
+    assert {"test-edge-oldest", "test-edge-newest"} <= set(legs)
+    for leg, entry in (("test-edge-oldest", versions.matrix_entries()[0]), ("test-edge-newest", versions.matrix_entries()[-1])):
+        python, torch_minor, transformers_minor = entry
+        assert f"\n{leg}: EDGE_PYTHON := {python}\n" in makefile
+        assert f"\n{leg}: EDGE_ENTRY := tests(python='{python}', torch='{torch_minor}', transformers='{transformers_minor}')\n" in makefile
