@@ -134,7 +134,7 @@ class PatchPoint:
         # original, so apply/remove cycles allocate nothing and TorchScript's
         # alias for it stays valid.
         spare, self._token = self._spare
-        self.handle = wrapt.wrap_object(module, self.path, lambda _original: spare)
+        self.handle = wrapt.wrap_object(module, self.path, _returning(spare))
         for alias in self.aliases + _home_name(original, spare):
             alias_module = sys.modules.get(alias[0])
             try:
@@ -142,7 +142,7 @@ class PatchPoint:
             except Exception:  # noqa: BLE001 - absent in this version
                 holds_original = False
             if holds_original:
-                wrapt.wrap_object(alias_module, alias[1], lambda _original: spare)
+                wrapt.wrap_object(alias_module, alias[1], _returning(spare))
                 self._aliased.append(alias)
         self.state, self.note = "installed", ""
         logger.debug("attnpatch: installed %s", self.qualname)
@@ -151,7 +151,7 @@ class PatchPoint:
         if self.handle is None:
             self.state = "off"
             return
-        removed = True
+        removed: bool | None = True
         for module_name, path in [(self.module, self.path), *self._aliased]:
             module = sys.modules.get(module_name)
             try:
@@ -224,7 +224,8 @@ class PlainFunctionPoint(PatchPoint):
             parent, name, current = wrapt.resolve_path(module, self.path)
             return current, name, lambda value: setattr(parent, name, value)
         _, _, mapping = wrapt.resolve_path(module, self.path)
-        return mapping[self.key], self.key, lambda value: mapping.__setitem__(self.key, value)
+        key = self.key
+        return mapping[key], key, lambda value: mapping.__setitem__(key, value)  # type: ignore[index]
 
     def install(self, module: Any) -> None:
         if self.handle is not None:
@@ -271,7 +272,7 @@ class PlainFunctionPoint(PatchPoint):
             if getattr(module, name, None) is patched:
                 setattr(module, name, original)
             self._home = None
-        if current is patched:
+        if put is not None and current is patched:
             put(original)
             self.state, self.note = "off", ""
         else:
@@ -354,7 +355,7 @@ class _ImportWatcher:
                 spec = finder.find_spec(fullname, path, target)
                 if spec is not None:
                     if spec.loader is not None and hasattr(spec.loader, "exec_module"):
-                        spec.loader = _NotifyingLoader(spec.loader)
+                        spec.loader = _NotifyingLoader(spec.loader)  # type: ignore[assignment]
                     return spec
         finally:
             asking.discard(fullname)
@@ -453,6 +454,11 @@ class PatchWrapper(_PicklesAsWrapped, wrapt.FunctionWrapper):
     """The wrapt ``FunctionWrapper`` every ``PatchPoint`` puts in place."""
 
     __bound_function_wrapper__ = BoundPatchWrapper
+
+
+def _returning(replacement: Any) -> Any:
+    """The factory ``wrapt.wrap_object`` takes, putting ``replacement`` in place."""
+    return lambda _original: replacement
 
 
 def _plain_function(original: Any, wrapper: Callable[..., Any]) -> Callable[..., Any]:
@@ -567,7 +573,7 @@ def resolve_targets(targets: str | Iterable[str] | None = None, **options: bool)
         targets = ["1"]
     elif isinstance(targets, str):
         targets = [t for t in targets.replace(" ", "").split(",") if t]
-    chosen = set()
+    chosen: set[str] = set()
     for name in targets:
         if name in _DEFAULT_WORDS:
             chosen |= default_targets()

@@ -118,7 +118,7 @@ def decode(model: torch.nn.Module, tokenizer, prompts: list[str]) -> list[str]:
     """Greedy continuations of ``prompts``, batched in one generate() call."""
     batch = tokenizer(prompts, return_tensors="pt", padding=True, return_token_type_ids=False)
     with torch.no_grad():
-        out = model.generate(**batch, max_new_tokens=NEW_TOKENS, do_sample=False)
+        out = model.generate(**batch, max_new_tokens=NEW_TOKENS, do_sample=False)  # type: ignore[operator]
     return tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:])
 
 def right_padding() -> bool:

@@ -177,7 +177,7 @@ def _tiny_model(kind: str, implementation: str, device: str) -> Any:
         pad_token_id=0, bos_token_id=None, eos_token_id=None,
     )
     torch.manual_seed(0)
-    model = model_class._from_config(config, attn_implementation=implementation)
+    model = model_class._from_config(config, attn_implementation=implementation)  # type: ignore[attr-defined]
     dtype = torch.float32 if device == "cpu" else torch.float16
     return model.to(device=device, dtype=dtype).eval()
 
@@ -283,7 +283,7 @@ class UserModel:
             finally:
                 if bar:
                     hf_logging.enable_progress_bar()
-            self.models[implementation] = model.to(self.device).eval()
+            self.models[implementation] = model.to(self.device).eval()  # type: ignore[arg-type]
         return self.models[implementation]
 
 

@@ -49,7 +49,9 @@ class _Fixed(wrapt.FunctionWrapper):
     def __deepcopy__(self, memo: dict) -> "_Fixed":
         return self
 
-    def __reduce_ex__(self, protocol: int) -> tuple[Callable[[str], Any], tuple[str]]:
+    _self_name: str  # the name this module holds it under
+
+    def __reduce_ex__(self, protocol: Any) -> tuple[Callable[[str], Any], tuple[str]]:
         return _by_name, (self._self_name,)
 
 

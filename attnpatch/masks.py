@@ -335,7 +335,7 @@ def rows_and_kernel_mask(mask: Tensor, *, drop: bool = False) -> tuple[Tensor, T
         rows = fully_masked_rows(mask, drop=drop)
         return (rows, mask) if rows.any() else None
     rows, safe = rows_and_safe_mask(mask, drop=drop)
-    return rows, safe
+    return rows, mask if safe is None else safe
 
 
 # True makes every call take the general path, the one CUDA and torch.compile

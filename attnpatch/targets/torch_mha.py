@@ -106,7 +106,8 @@ def _safe_copy(original: Callable[..., Any]) -> Callable[..., Any] | None:
 
 
 def _dispatch_again(*args: Any, **kwargs: Any) -> Any:
-    return _safe_mha_forward(*args, **kwargs)  # type: ignore[misc] - only ever called from that copy
+    # Only ever called from that copy, so it exists.
+    return _safe_mha_forward(*args, **kwargs)  # type: ignore[misc]
 
 
 # torch's own function (under any wrappers that name what they wrap, attnpatch's
@@ -173,13 +174,15 @@ def _native_mha_wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple,
         if some_heads.any():
             slow_out, slow_weights = _python_path(args, kwargs, mask, need_weights, average)
             out = torch.where(some_heads.unsqueeze(-1), slow_out, out)
-            if need_weights:
+            if need_weights and slow_weights is not None:
                 flags = some_heads if average else some_heads.unsqueeze(1)
                 weights = torch.where(flags.unsqueeze(-1), slow_weights, weights)
     return out, weights
 
 
-def _python_path(args: tuple, kwargs: dict, mask: Tensor, need_weights: bool, average: bool) -> tuple[Tensor, Tensor]:
+def _python_path(
+    args: tuple, kwargs: dict, mask: Tensor, need_weights: bool, average: bool
+) -> tuple[Tensor, Tensor | None]:
     """The same attention computed by the sanitised Python path (batch_first)."""
     names = ("query", "key", "value", "embed_dim", "num_head", "qkv_weight", "qkv_bias", "proj_weight", "proj_bias")
     q, k, v, embed_dim, num_heads, qkv_weight, qkv_bias, proj_weight, proj_bias = (
