@@ -68,16 +68,25 @@ def _run_suite(session, entry, *pins):
     recording = not session.posargs and os.environ.get("ATTNPATCH_MATRIX_RECORD") != "0"
     # --durations: where each entry's time goes, in its log.
     session.run(
-        "python", "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "junit_family=xunit1",
-        "--durations=40", f"--junitxml={junit}", *session.posargs, success_codes=[0, 1],
+        "python",
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-o",
+        "junit_family=xunit1",
+        "--durations=40",
+        f"--junitxml={junit}",
+        *session.posargs,
+        success_codes=[0, 1],
         # tests/test_versions.py checks the table this run is rewriting: it skips.
         env={"ATTNPATCH_MATRIX_RECORDING": "1" if recording else "0"},
     )
     if not recording:
         session.log("not recorded in the results table (pytest arguments given, or ATTNPATCH_MATRIX_RECORD=0)")
     else:
-        session.run("python", "-m", "benchmarks.versions", "record", entry, str(junit),
-                    str(time.monotonic() - started))
+        session.run("python", "-m", "benchmarks.versions", "record", entry, str(junit), str(time.monotonic() - started))
     root = ET.parse(junit).getroot()
     suite = root if root.tag == "testsuite" else root.find("testsuite")
     failed = int(suite.get("failures")) + int(suite.get("errors"))
@@ -97,5 +106,8 @@ def _run_suite(session, entry, *pins):
 def tests(session, torch, transformers):
     """The whole suite on one Python, one torch and one transformers release."""
     python = session.python
-    _run_suite(session, entry_name(python, torch, transformers),
-               *(f"{package}=={release}" for package, release in pins(python, torch, transformers).items()))
+    _run_suite(
+        session,
+        entry_name(python, torch, transformers),
+        *(f"{package}=={release}" for package, release in pins(python, torch, transformers).items()),
+    )

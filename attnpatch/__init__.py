@@ -14,7 +14,8 @@ from __future__ import annotations
 import functools
 import inspect
 import threading
-from typing import Any, Callable, Iterable, TypeVar
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
 
 from attnpatch import _patching
 from attnpatch._patching import AttnPatchWarning, status
@@ -59,7 +60,7 @@ class patched:
         self._targets = _patching.resolve_targets(targets, **options)
         self._local = threading.local()  # per-thread stack depth of this object
 
-    def start(self) -> "patched":
+    def start(self) -> patched:
         _patching.acquire(self._targets)
         self._local.depth = getattr(self._local, "depth", 0) + 1
         return self
@@ -71,7 +72,7 @@ class patched:
         self._local.depth = depth - 1
         _patching.release(self._targets)
 
-    def __enter__(self) -> "patched":
+    def __enter__(self) -> patched:
         return self.start()
 
     def __exit__(self, *exc_info: object) -> None:

@@ -93,7 +93,11 @@ def _status(args: argparse.Namespace) -> int:
             installed = [p["target"].split(".")[-3] for p in found if p["state"] == "installed"]
             if installed:
                 seen.add("installed")
-                print(textwrap.fill("patched: " + ", ".join(installed), 88, initial_indent=" " * 8, subsequent_indent=" " * 10))
+                print(
+                    textwrap.fill(
+                        "patched: " + ", ".join(installed), 88, initial_indent=" " * 8, subsequent_indent=" " * 10
+                    )
+                )
             for point in found:
                 if point["state"] != "installed":
                     seen.add(point["state"])
@@ -120,7 +124,11 @@ def main(argv: list[str] | None = None) -> int:
     run.set_defaults(func=_run)
     st = sub.add_parser("status", help="show which targets are installed, deferred or skipped, and why")
     st.add_argument("--json", action="store_true")
-    st.add_argument("--apply", action="store_true", help="apply() first and import torch and transformers, to show what attnpatch patches here")
+    st.add_argument(
+        "--apply",
+        action="store_true",
+        help="apply() first and import torch and transformers, to show what attnpatch patches here",
+    )
     st.set_defaults(func=_status)
     doc = sub.add_parser("doctor", help="run the known reproductions here, without then with attnpatch", add_help=False)
     doc.set_defaults(func=_doctor)

@@ -79,8 +79,32 @@ def show(title: str, reproduction) -> bool:
 
 # --- 2. right padding and batched generate() --------------------------------------
 
-WORDS = ["<pad>", "<s>", "</s>", "<unk>", "Beijing", "is", "the", "capital", "of", "China", "Apple", "makes",
-         "phones", "and", "a", "city", "in", "north", "big", "old", "new", "river", "tea", "green"]
+WORDS = [
+    "<pad>",
+    "<s>",
+    "</s>",
+    "<unk>",
+    "Beijing",
+    "is",
+    "the",
+    "capital",
+    "of",
+    "China",
+    "Apple",
+    "makes",
+    "phones",
+    "and",
+    "a",
+    "city",
+    "in",
+    "north",
+    "big",
+    "old",
+    "new",
+    "river",
+    "tea",
+    "green",
+]
 PROMPTS = ["Beijing is the capital of China and", "Apple"]
 NEW_TOKENS = 4
 
@@ -93,7 +117,11 @@ def save_right_padding_tokenizer(directory: str) -> None:
     backend = Tokenizer(models.WordLevel({word: i for i, word in enumerate(WORDS)}, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     transformers.PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
         padding_side="right",
     ).save_pretrained(directory)
 
@@ -104,8 +132,16 @@ def tiny_decoder() -> torch.nn.Module:
     import transformers
 
     config = transformers.LlamaConfig(
-        vocab_size=len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1, eos_token_id=None, pad_token_id=None,
+        vocab_size=len(WORDS),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        bos_token_id=1,
+        eos_token_id=None,
+        pad_token_id=None,
     )
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM._from_config(config, attn_implementation="sdpa").eval()
@@ -119,7 +155,8 @@ def decode(model: torch.nn.Module, tokenizer, prompts: list[str]) -> list[str]:
     batch = tokenizer(prompts, return_tensors="pt", padding=True, return_token_type_ids=False)
     with torch.no_grad():
         out = model.generate(**batch, max_new_tokens=NEW_TOKENS, do_sample=False)  # type: ignore[operator]
-    return tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:])
+    return tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :])
+
 
 def right_padding() -> bool:
     import transformers
@@ -137,17 +174,21 @@ def right_padding() -> bool:
             left_tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
         tokenizer_only = decode(model, left_tokenizer, PROMPTS)
 
-    print(f"Batched generate() of a tiny random decoder, greedy, {NEW_TOKENS} new tokens; the tokenizer "
-          f"pads on the {tokenizer.padding_side}, like Qwen2's")
+    print(
+        f"Batched generate() of a tiny random decoder, greedy, {NEW_TOKENS} new tokens; the tokenizer "
+        f"pads on the {tokenizer.padding_side}, like Qwen2's"
+    )
     width = max(len(p) for p in PROMPTS) + 2
     for row, prompt in enumerate(PROMPTS):
         print(f"  {repr(prompt):{width}s} alone: {alone[row]!r}")
         for label, got in (("batched, without attnpatch", before), ("batched, with attnpatch", after)):
             verdict = "same as alone" if got[row] == alone[row] else "DIFFERENT from alone"
             print(f"  {'':{width}s}   {label + ':':28s} {got[row]!r}  ({verdict})")
-    print(f"  the tokenizer target on its own: loaded while attnpatch is on, the tokenizer pads on the "
-          f"{left_tokenizer.padding_side}; batched with it, generate() unpatched decodes "
-          + ("every row as alone" if tokenizer_only == alone else f"{tokenizer_only!r}, not as alone"))
+    print(
+        f"  the tokenizer target on its own: loaded while attnpatch is on, the tokenizer pads on the "
+        f"{left_tokenizer.padding_side}; batched with it, generate() unpatched decodes "
+        + ("every row as alone" if tokenizer_only == alone else f"{tokenizer_only!r}, not as alone")
+    )
     broken = before != alone
     fixed = after == alone and tokenizer_only == alone and left_tokenizer.padding_side == "left"
     return broken and fixed
@@ -169,8 +210,11 @@ def main() -> int:
     else:
         results.append(right_padding())
     ok = all(results)
-    print("\nok: attnpatch removed every NaN, and every row decodes as it would alone" if ok
-          else "\nFAILED: attnpatch left something broken")
+    print(
+        "\nok: attnpatch removed every NaN, and every row decodes as it would alone"
+        if ok
+        else "\nFAILED: attnpatch left something broken"
+    )
     return 0 if ok else 1
 
 

@@ -24,8 +24,9 @@ import platform
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import attnpatch
 
@@ -155,7 +156,11 @@ def _sdpa_case(device: str, backend: Any) -> Callable[[], Check]:
 def _sdpa_backends(device: str) -> list[tuple[str, Any]]:
     from torch.nn.attention import SDPBackend
 
-    names = ["MATH", "FLASH_ATTENTION"] if device == "cpu" else ["MATH", "EFFICIENT_ATTENTION", "FLASH_ATTENTION", "CUDNN_ATTENTION"]
+    names = (
+        ["MATH", "FLASH_ATTENTION"]
+        if device == "cpu"
+        else ["MATH", "EFFICIENT_ATTENTION", "FLASH_ATTENTION", "CUDNN_ATTENTION"]
+    )
     short = {"MATH": "math", "FLASH_ATTENTION": "flash", "EFFICIENT_ATTENTION": "efficient", "CUDNN_ATTENTION": "cudnn"}
     return [(short[n], getattr(SDPBackend, n)) for n in names if hasattr(SDPBackend, n)]
 
@@ -172,9 +177,16 @@ def _tiny_model(kind: str, implementation: str, device: str) -> Any:
         "Qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
     }[kind]
     config = config_class(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-        pad_token_id=0, bos_token_id=None, eos_token_id=None,
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=None,
+        eos_token_id=None,
     )
     torch.manual_seed(0)
     model = model_class._from_config(config, attn_implementation=implementation)  # type: ignore[attr-defined]
@@ -224,7 +236,7 @@ def _hf_generate_case(kind: str, device: str) -> Callable[[], Check]:
         with torch.no_grad():
             batch = model.generate(input_ids=input_ids, attention_mask=attention_mask, **settings)[:, width:]
             alone = [
-                model.generate(input_ids=torch.tensor([p], device=device), **settings)[0, len(p):] for p in prompts
+                model.generate(input_ids=torch.tensor([p], device=device), **settings)[0, len(p) :] for p in prompts
             ]
         wrong_rows = [i for i, expected in enumerate(alone) if not torch.equal(batch[i], expected)]
         problem = f"row(s) {wrong_rows} decode differently than alone" if wrong_rows else ""
@@ -307,7 +319,7 @@ def load_user_model(source: str, trust_remote_code: bool, device: str) -> UserMo
     try:
         config = transformers.AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
         tokenizer = transformers.AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-    except Exception as exc:  # noqa: BLE001 - every way a load fails is one line for the user
+    except Exception as exc:
         text = str(exc)
         if "trust_remote_code" in text and not trust_remote_code:
             raise DoctorError(
@@ -417,7 +429,9 @@ def build_model_cases(user: UserModel, implementations: list[str] | None = None)
                 cases.append(Case(f"{user.architecture} {name}", where, skip=f"not supported: {_short(exc)}"))
             continue
         cases.append(Case(f"{user.architecture} left-padded forward", where, _user_forward_case(user, implementation)))
-        cases.append(Case(f"{user.architecture} right-padded generate", where, _user_generate_case(user, implementation)))
+        cases.append(
+            Case(f"{user.architecture} right-padded generate", where, _user_generate_case(user, implementation))
+        )
     return cases
 
 
@@ -433,8 +447,10 @@ def build_cases(devices: list[str]) -> list[Case]:
             Case("MHA fast path (eval, no_grad)", device, _mha_case(device, False, fast_path=True)),
             Case("TransformerEncoder inference", device, _encoder_case(device)),
         ]
-        cases += [Case("F.scaled_dot_product_attention", f"{device}/{name}", _sdpa_case(device, backend))
-                  for name, backend in _sdpa_backends(device)]
+        cases += [
+            Case("F.scaled_dot_product_attention", f"{device}/{name}", _sdpa_case(device, backend))
+            for name, backend in _sdpa_backends(device)
+        ]
     attention_skip, generate_skip = _hf_skip_reason("hf_attention"), _hf_skip_reason("hf_generate")
     for device in devices:
         for kind in ("Llama", "Qwen2"):
@@ -548,12 +564,22 @@ def _table(rows: list[dict[str, str]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="attnpatch doctor", description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    parser.add_argument("--model", metavar="DIR", help="check your own model instead: a saved model directory "
-                        "(config, weights, tokenizer) or, online, a hub id")
-    parser.add_argument("--trust-remote-code", action="store_true",
-                        help="with --model: allow running code that ships with the checkpoint")
-    parser.add_argument("--attn", metavar="LIST", help="with --model: attention implementations to try, "
-                        f"comma-separated (default: {','.join(IMPLEMENTATIONS)}; flex_attention only on GPU)")
+    parser.add_argument(
+        "--model",
+        metavar="DIR",
+        help="check your own model instead: a saved model directory (config, weights, tokenizer) or, online, a hub id",
+    )
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="with --model: allow running code that ships with the checkpoint",
+    )
+    parser.add_argument(
+        "--attn",
+        metavar="LIST",
+        help="with --model: attention implementations to try, "
+        f"comma-separated (default: {','.join(IMPLEMENTATIONS)}; flex_attention only on GPU)",
+    )
     args = parser.parse_args(argv)
     if (args.trust_remote_code or args.attn) and not args.model:
         parser.error("--trust-remote-code and --attn go with --model")
@@ -562,8 +588,9 @@ def main(argv: list[str] | None = None) -> int:
     if any(entry["holders"] for entry in attnpatch.status().values()):
         # e.g. ATTNPATCH=1 in the environment: the first run must be without it.
         attnpatch.remove()
-        print("attnpatch doctor: attnpatch was active (ATTNPATCH?); turned it off for the unpatched runs",
-              file=sys.stderr)
+        print(
+            "attnpatch doctor: attnpatch was active (ATTNPATCH?); turned it off for the unpatched runs", file=sys.stderr
+        )
     import torch
 
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -594,7 +621,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(_table(rows))
         seconds = time.perf_counter() - started
-        verdict = f"{len(broken)} case(s) still broken with attnpatch on" if broken else "attnpatch fixes every case that ran here"
+        verdict = (
+            f"{len(broken)} case(s) still broken with attnpatch on"
+            if broken
+            else "attnpatch fixes every case that ran here"
+        )
         print(f"\n{verdict} ({seconds:.1f} s)")
     return 1 if broken else 0
 

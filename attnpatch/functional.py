@@ -26,14 +26,22 @@ torch's, and its call back gets the fix. A tensor subclass with its own
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 import wrapt
 from torch import nn
 
-from attnpatch.targets import copy_with_globals, dispatch_overrides, namespace_copy, torch_mha, torch_sdpa, torch_softmax
+from attnpatch.targets import (
+    copy_with_globals,
+    dispatch_overrides,
+    namespace_copy,
+    torch_mha,
+    torch_sdpa,
+    torch_softmax,
+)
 
 __all__ = ["scaled_dot_product_attention", "multi_head_attention_forward", "softmax", "MultiheadAttention"]
 
@@ -43,10 +51,10 @@ class _Fixed(wrapt.FunctionWrapper):
     itself, found by name in this module, never as the torch function it wraps
     (a proxy would otherwise copy as the unfixed one, or refuse to)."""
 
-    def __copy__(self) -> "_Fixed":
+    def __copy__(self) -> _Fixed:
         return self
 
-    def __deepcopy__(self, memo: dict) -> "_Fixed":
+    def __deepcopy__(self, memo: dict) -> _Fixed:
         return self
 
     _self_name: str  # the name this module holds it under
@@ -99,7 +107,8 @@ softmax = _fixed("softmax", inspect.unwrap(F.softmax), torch_softmax._softmax_wr
 
 # The fused inference kernel of nn.MultiheadAttention, for MultiheadAttention below.
 _native_multi_head_attention = _fixed(
-    "_native_multi_head_attention", torch._C._VariableFunctions._native_multi_head_attention,
+    "_native_multi_head_attention",
+    torch._C._VariableFunctions._native_multi_head_attention,
     torch_mha._native_mha_wrapper,
 )
 

@@ -16,7 +16,8 @@ large negative, NaN) is a score bias and never counts as masked.
 from __future__ import annotations
 
 import weakref
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -275,12 +276,7 @@ def rows_and_safe_mask(
     (the safe mask would carry a stale graph), inference tensors (no version
     counter) and anything while torch.compile traces.
     """
-    cacheable = (
-        not in_place
-        and is_plain_in_eager(mask)
-        and not mask.requires_grad
-        and not mask.is_inference()
-    )
+    cacheable = not in_place and is_plain_in_eager(mask) and not mask.requires_grad and not mask.is_inference()
     key = (drop, keepdim)
     entry = _last_mask.get(key) if cacheable else None
     if entry is None or entry[0]() is not mask or entry[1] != mask._version:

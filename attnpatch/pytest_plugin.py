@@ -13,7 +13,8 @@ not end it.
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -22,7 +23,9 @@ _session_scope = pytest.StashKey[Any]()
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.getgroup("attnpatch").addoption(
-        "--attnpatch", action="store_true", default=False,
+        "--attnpatch",
+        action="store_true",
+        default=False,
         help="activate attnpatch (no NaN from fully masked attention rows) for the whole session",
     )
     parser.addini("attnpatch", type="bool", default=False, help="activate attnpatch for the whole session")

@@ -4,8 +4,8 @@ cases the workarounds users write by hand, all on the same inputs."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -39,6 +39,7 @@ def wants_patch(variant: str) -> bool:
 
 
 # ---------------------------------------------------------------- inputs
+
 
 def left_padded_lengths(batch: int, seq_len: int) -> list[int]:
     """Real lengths from just under full down to 3/4 of the row: every row carries
@@ -102,9 +103,13 @@ def sdpa_cases(shape: tuple[int, int, int, int], dtype: torch.dtype, device: str
     rows = ~keep.any(-1)
 
     masked = Case(
-        "sdpa", "left-padded causal mask (fully masked rows)", label, dname,
+        "sdpa",
+        "left-padded causal mask (fully masked rows)",
+        label,
+        dname,
         {BASELINE: lambda: sdpa(attn_mask=keep), "patched": lambda: sdpa(attn_mask=keep)},
-        targets={"patched": masked_target}, memory=True,
+        targets={"patched": masked_target},
+        memory=True,
     )
     min_value = torch.finfo(dtype).min
     workarounds = {
@@ -123,18 +128,35 @@ def sdpa_cases(shape: tuple[int, int, int, int], dtype: torch.dtype, device: str
 
     return [
         masked,
-        Case("sdpa", "no mask", label, dname,
-             {BASELINE: lambda: sdpa(), "patched": lambda: sdpa()}, targets={"patched": 1.01}),
-        Case("sdpa", "is_causal only", label, dname,
-             {BASELINE: lambda: sdpa(is_causal=True), "patched": lambda: sdpa(is_causal=True)},
-             targets={"patched": 1.01}),
-        Case("sdpa", "right-padded causal mask (no fully masked row)", label, dname,
-             {BASELINE: lambda: sdpa(attn_mask=right), "patched": lambda: sdpa(attn_mask=right)},
-             targets={"patched": 1.01}),
+        Case(
+            "sdpa",
+            "no mask",
+            label,
+            dname,
+            {BASELINE: lambda: sdpa(), "patched": lambda: sdpa()},
+            targets={"patched": 1.01},
+        ),
+        Case(
+            "sdpa",
+            "is_causal only",
+            label,
+            dname,
+            {BASELINE: lambda: sdpa(is_causal=True), "patched": lambda: sdpa(is_causal=True)},
+            targets={"patched": 1.01},
+        ),
+        Case(
+            "sdpa",
+            "right-padded causal mask (no fully masked row)",
+            label,
+            dname,
+            {BASELINE: lambda: sdpa(attn_mask=right), "patched": lambda: sdpa(attn_mask=right)},
+            targets={"patched": 1.01},
+        ),
     ]
 
 
 # ---------------------------------------------------------------- 2. nn.MultiheadAttention
+
 
 def mha_cases(seq_len: int, device: str, batch: int = 8, embed: int = 512, heads: int = 8) -> list[Case]:
     torch.manual_seed(0)
@@ -154,6 +176,7 @@ def mha_cases(seq_len: int, device: str, batch: int = 8, embed: int = 512, heads
             grads = [p.grad for p in mha.parameters()]
             mha.zero_grad(set_to_none=True)
             return out.detach(), grads
+
         return step
 
     rows = (causal[None] | pad[:, None, :]).all(-1)  # (B, L) fully masked queries
@@ -170,25 +193,51 @@ def mha_cases(seq_len: int, device: str, batch: int = 8, embed: int = 512, heads
             mha.eval()
             with torch.no_grad():
                 return mha(x, x, x, key_padding_mask=pad, attn_mask=causal, need_weights=need_weights)
+
         return run
 
     return [
-        Case("mha", "train fwd+bwd, need_weights=True", label, "float32",
-             {BASELINE: train_step(True), "patched": train_step(True),
-              "workaround: need_weights=False (PyTorch's own path)": train_step(False),
-              "workaround: float masks -1e8": train_step(True, pad_float, causal_float)},
-             targets={"patched": 1.05}, memory=True,
-             notes={"patched": "unpatched: " + outcome(train_step(True)),
-                    "workaround: need_weights=False (PyTorch's own path)": outcome(train_step(False)),
-                    "workaround: float masks -1e8": outcome(train_step(True, pad_float, causal_float))}),
-        Case("mha", "train fwd+bwd, need_weights=False", label, "float32",
-             {BASELINE: train_step(False), "patched": train_step(False)}, targets={"patched": 1.05}),
-        Case("mha", "inference (eval, no_grad, fast path)", label, "float32",
-             {BASELINE: infer(False), "patched": infer(False)}, targets={"patched": 1.05}, memory=True),
+        Case(
+            "mha",
+            "train fwd+bwd, need_weights=True",
+            label,
+            "float32",
+            {
+                BASELINE: train_step(True),
+                "patched": train_step(True),
+                "workaround: need_weights=False (PyTorch's own path)": train_step(False),
+                "workaround: float masks -1e8": train_step(True, pad_float, causal_float),
+            },
+            targets={"patched": 1.05},
+            memory=True,
+            notes={
+                "patched": "unpatched: " + outcome(train_step(True)),
+                "workaround: need_weights=False (PyTorch's own path)": outcome(train_step(False)),
+                "workaround: float masks -1e8": outcome(train_step(True, pad_float, causal_float)),
+            },
+        ),
+        Case(
+            "mha",
+            "train fwd+bwd, need_weights=False",
+            label,
+            "float32",
+            {BASELINE: train_step(False), "patched": train_step(False)},
+            targets={"patched": 1.05},
+        ),
+        Case(
+            "mha",
+            "inference (eval, no_grad, fast path)",
+            label,
+            "float32",
+            {BASELINE: infer(False), "patched": infer(False)},
+            targets={"patched": 1.05},
+            memory=True,
+        ),
     ]
 
 
 # ---------------------------------------------------------------- 3. nn.TransformerEncoder
+
 
 def transformer_case(device: str, batch: int = 8, seq_len: int = 256, d_model: int = 512) -> Case:
     torch.manual_seed(0)
@@ -202,12 +251,19 @@ def transformer_case(device: str, batch: int = 8, seq_len: int = 256, d_model: i
         with torch.no_grad():
             return encoder(x, mask=causal, src_key_padding_mask=pad, is_causal=True)
 
-    return Case("transformer", "TransformerEncoder 6 layers inference, causal+padding",
-                f"B={batch} L={seq_len} d={d_model}", "float32",
-                {BASELINE: run, "patched": run}, targets={"patched": 1.05}, memory=True)
+    return Case(
+        "transformer",
+        "TransformerEncoder 6 layers inference, causal+padding",
+        f"B={batch} L={seq_len} d={d_model}",
+        "float32",
+        {BASELINE: run, "patched": run},
+        targets={"patched": 1.05},
+        memory=True,
+    )
 
 
 # ---------------------------------------------------------------- 3b. the opt-in softmax target
+
 
 def softmax_cases(device: str, quick: bool) -> list[Case]:
     """What the opt-in ``softmax`` target costs softmax-heavy code, mostly code
@@ -245,6 +301,7 @@ def softmax_cases(device: str, quick: bool) -> list[Case]:
             with torch.no_grad():
                 scores = (q @ k.transpose(-2, -1)) * d**-0.5
                 return scores.masked_fill(drop, float("-inf")).softmax(-1) @ v
+
         return run
 
     def case(name: str, shape: str, fn: Callable[[], object], note: str = "") -> Case:
@@ -252,16 +309,24 @@ def softmax_cases(device: str, quick: bool) -> list[Case]:
 
     return [
         case("classifier head, F.softmax (no_grad)", f"{batch}x{classes}", classifier_inference),
-        case("classifier head, Linear + Tensor.softmax + NLL, forward and backward",
-             f"{batch}x{features}->{classes}", classifier_training_step),
+        case(
+            "classifier head, Linear + Tensor.softmax + NLL, forward and backward",
+            f"{batch}x{features}->{classes}",
+            classifier_training_step,
+        ),
         case("plain loop of 100 torch.softmax calls (no_grad)", "100 x 32x64", softmax_loop),
         case("hand-written attention, right-padded (no fully masked row)", f"{b}x{h}x{length}x{d}", attention(right)),
-        case("hand-written attention, left-padded (fully masked rows fixed)", f"{b}x{h}x{length}x{d}", attention(left),
-             note="unpatched gives NaN rows here; patched gives 0"),
+        case(
+            "hand-written attention, left-padded (fully masked rows fixed)",
+            f"{b}x{h}x{length}x{d}",
+            attention(left),
+            note="unpatched gives NaN rows here; patched gives 0",
+        ),
     ]
 
 
 # ---------------------------------------------------------------- 4. transformers models
+
 
 def hf_cases(device: str, quick: bool) -> list[Case]:
     import transformers
@@ -269,13 +334,28 @@ def hf_cases(device: str, quick: bool) -> list[Case]:
     from attnpatch.targets import hf_attention, hf_generate
 
     placeholder = not hf_attention.POINTS and not hf_generate.POINTS
-    note = ("attnpatch's transformers targets are placeholders in this build: "
-            "'patched' is the torch targets alone (HF calls torch SDPA)") if placeholder else ""
+    note = (
+        (
+            "attnpatch's transformers targets are placeholders in this build: "
+            "'patched' is the torch targets alone (HF calls torch SDPA)"
+        )
+        if placeholder
+        else ""
+    )
 
     def tiny(config_cls: type, name: str) -> Case:
-        config = config_cls(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                            pad_token_id=0, bos_token_id=1, eos_token_id=2)
+        config = config_cls(
+            vocab_size=1000,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
         torch.manual_seed(0)
         model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").to(device).eval()
         lengths, width = [12, 9, 6, 3], 12
@@ -287,20 +367,38 @@ def hf_cases(device: str, quick: bool) -> list[Case]:
         new_tokens = 4 if quick else 24
 
         def generate() -> object:
-            return model.generate(input_ids=ids, attention_mask=attention, max_new_tokens=new_tokens,
-                                  min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+            return model.generate(
+                input_ids=ids,
+                attention_mask=attention,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=0,
+            )
 
-        return Case("hf", f"tiny random {name} generate(), left-padded batch",
-                    f"B=4 prompt<=12 +{new_tokens} tokens", "float32",
-                    {BASELINE: generate, "patched": generate, TORCH_TARGETS_ONLY: generate},
-                    targets={"patched": 1.03}, note=note,
-                    notes={TORCH_TARGETS_ONLY: "what the hf_* targets add is the difference to 'patched'"})
+        return Case(
+            "hf",
+            f"tiny random {name} generate(), left-padded batch",
+            f"B=4 prompt<=12 +{new_tokens} tokens",
+            "float32",
+            {BASELINE: generate, "patched": generate, TORCH_TARGETS_ONLY: generate},
+            targets={"patched": 1.03},
+            note=note,
+            notes={TORCH_TARGETS_ONLY: "what the hf_* targets add is the difference to 'patched'"},
+        )
 
     cases = [tiny(transformers.LlamaConfig, "Llama"), tiny(transformers.Qwen2Config, "Qwen2")]
     if not quick:
-        config = transformers.LlamaConfig(vocab_size=8000, hidden_size=512, intermediate_size=1376,
-                                          num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8,
-                                          max_position_embeddings=1024, pad_token_id=0)
+        config = transformers.LlamaConfig(
+            vocab_size=8000,
+            hidden_size=512,
+            intermediate_size=1376,
+            num_hidden_layers=4,
+            num_attention_heads=8,
+            num_key_value_heads=8,
+            max_position_embeddings=1024,
+            pad_token_id=0,
+        )
         torch.manual_seed(0)
         model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").to(device).eval()
         batch, seq_len = 4, 256
@@ -311,13 +409,22 @@ def hf_cases(device: str, quick: bool) -> list[Case]:
             with torch.no_grad():
                 return model(input_ids=ids, attention_mask=attention).logits
 
-        cases.append(Case("hf", "random Llama forward, left-padded", f"B={batch} L={seq_len} hidden=512 4 layers",
-                          "float32", {BASELINE: forward, "patched": forward, TORCH_TARGETS_ONLY: forward},
-                          note=note, memory=True))
+        cases.append(
+            Case(
+                "hf",
+                "random Llama forward, left-padded",
+                f"B={batch} L={seq_len} hidden=512 4 layers",
+                "float32",
+                {BASELINE: forward, "patched": forward, TORCH_TARGETS_ONLY: forward},
+                note=note,
+                memory=True,
+            )
+        )
     return cases
 
 
 # ---------------------------------------------------------------- 7. the general path
+
 
 def general_target(length: int) -> float:
     return 1.02 if length >= 512 else 1.03
@@ -349,16 +456,35 @@ def general_sdpa_cases(device: str, quick: bool) -> list[Case]:
         kept = kept_rows(reused)
         shape = f"B={batch} H={heads} Lq={q_len} S={length} D={dim}"
         target = general_target(length)
-        cases.append(Case("general", f"SDPA {what}, mask reused", shape, "float32",
-                          {BASELINE: same, GENERAL_PATH: same,
-                           FLOOR: lambda same=same, kept=kept: clear_by_hand(same(), kept)},
-                          targets={GENERAL_PATH: target}, notes={FLOOR: FLOOR_NOTE}))
-        cases.append(Case("general", f"SDPA {what}, mask built per call", shape, "float32",
-                          {BASELINE: fresh, GENERAL_PATH: fresh,
-                           FLOOR: lambda fresh=fresh, kept=kept: clear_by_hand(fresh(), kept)},
-                          targets={GENERAL_PATH: target},
-                          notes={GENERAL_PATH: "both variants build the mask inside the timed call",
-                                 FLOOR: FLOOR_NOTE + "; the pass over the new mask that finds them is not counted"}))
+        cases.append(
+            Case(
+                "general",
+                f"SDPA {what}, mask reused",
+                shape,
+                "float32",
+                {BASELINE: same, GENERAL_PATH: same, FLOOR: lambda same=same, kept=kept: clear_by_hand(same(), kept)},
+                targets={GENERAL_PATH: target},
+                notes={FLOOR: FLOOR_NOTE},
+            )
+        )
+        cases.append(
+            Case(
+                "general",
+                f"SDPA {what}, mask built per call",
+                shape,
+                "float32",
+                {
+                    BASELINE: fresh,
+                    GENERAL_PATH: fresh,
+                    FLOOR: lambda fresh=fresh, kept=kept: clear_by_hand(fresh(), kept),
+                },
+                targets={GENERAL_PATH: target},
+                notes={
+                    GENERAL_PATH: "both variants build the mask inside the timed call",
+                    FLOOR: FLOOR_NOTE + "; the pass over the new mask that finds them is not counted",
+                },
+            )
+        )
     return cases
 
 
@@ -383,17 +509,30 @@ def general_mha_cases(device: str, quick: bool) -> list[Case]:
     for seq_len in [128] if quick else [128, 512]:
         for case in mha_cases(seq_len, device, batch=2 if quick else 8):
             if case.name.startswith("train"):
-                cases.append(Case("general", "MHA " + case.name, case.shape, case.dtype,
-                                  {BASELINE: case.variants[BASELINE], GENERAL_PATH: case.variants["patched"]},
-                                  targets={GENERAL_PATH: general_target(seq_len)}))
+                cases.append(
+                    Case(
+                        "general",
+                        "MHA " + case.name,
+                        case.shape,
+                        case.dtype,
+                        {BASELINE: case.variants[BASELINE], GENERAL_PATH: case.variants["patched"]},
+                        targets={GENERAL_PATH: general_target(seq_len)},
+                    )
+                )
     return cases
 
 
 def general_generate_cases(device: str, quick: bool) -> list[Case]:
     """Tiny-model generate() with every target, on the general path."""
     return [
-        Case("general", case.name, case.shape, case.dtype,
-             {BASELINE: case.variants[BASELINE], GENERAL_PATH: case.variants["patched"]}, targets={GENERAL_PATH: 1.03})
+        Case(
+            "general",
+            case.name,
+            case.shape,
+            case.dtype,
+            {BASELINE: case.variants[BASELINE], GENERAL_PATH: case.variants["patched"]},
+            targets={GENERAL_PATH: 1.03},
+        )
         for case in hf_cases(device, quick)
         if "generate" in case.name
     ]
@@ -414,7 +553,9 @@ def compiled_sdpa_cases(device: str, quick: bool) -> list[Case]:
         if q_len == 1:
             mask = real.view(batch, 1, 1, length)
         else:
-            mask = torch.ones(length, length, dtype=torch.bool, device=device).tril()[None, None] & real[:, None, None, :]
+            mask = (
+                torch.ones(length, length, dtype=torch.bool, device=device).tril()[None, None] & real[:, None, None, :]
+            )
 
         @torch.compile(fullgraph=True, dynamic=False)
         def attend(q, k, v, mask):
@@ -427,10 +568,17 @@ def compiled_sdpa_cases(device: str, quick: bool) -> list[Case]:
         run = lambda attend=attend, q=q, k=k, v=v, mask=mask: attend(q, k, v, mask)  # noqa: E731
         unattended = ~mask.any(-1, keepdim=True)
         floor = lambda q=q, k=k, v=v, mask=mask, rows=unattended: attend_then_clear(q, k, v, mask, rows)  # noqa: E731
-        cases.append(Case("compiled", "torch.compile(SDPA), left-padded mask",
-                          f"B={batch} H={heads} Lq={q_len} S={length} D={dim}", "float32",
-                          {BASELINE: run, "patched": run, FLOOR: floor}, targets={"patched": general_target(length)},
-                          notes={FLOOR: "the output pass compiled with the kernel; " + FLOOR_NOTE}))
+        cases.append(
+            Case(
+                "compiled",
+                "torch.compile(SDPA), left-padded mask",
+                f"B={batch} H={heads} Lq={q_len} S={length} D={dim}",
+                "float32",
+                {BASELINE: run, "patched": run, FLOOR: floor},
+                targets={"patched": general_target(length)},
+                notes={FLOOR: "the output pass compiled with the kernel; " + FLOOR_NOTE},
+            )
+        )
     return cases
 
 

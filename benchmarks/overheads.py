@@ -35,8 +35,9 @@ def import_time_ms(runs: int) -> float:
     code = "import time; t = time.perf_counter(); import attnpatch; print(time.perf_counter() - t)"
     times = []
     for _ in range(runs):
-        out = subprocess.run([sys.executable, "-c", code], env=_clean_env(), check=True,
-                             capture_output=True, text=True).stdout
+        out = subprocess.run(
+            [sys.executable, "-c", code], env=_clean_env(), check=True, capture_output=True, text=True
+        ).stdout
         times.append(float(out) * 1e3)
     return statistics.median(times)
 

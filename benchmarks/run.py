@@ -17,8 +17,8 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -74,8 +74,12 @@ def measure(case: C.Case, device: str, quick: bool) -> list[dict]:
     attempts = []
     for _ in range(1 if quick else 3):
         samples = timing.time_interleaved(
-            case.variants, switch=switch, device=device,
-            budget_s=1.0 if quick else 14.0, min_repeats=3 if quick else 5, max_repeats=5 if quick else 31,
+            case.variants,
+            switch=switch,
+            device=device,
+            budget_s=1.0 if quick else 14.0,
+            min_repeats=3 if quick else 5,
+            max_repeats=5 if quick else 31,
         )
         attempts.append((timing.spread(samples[C.BASELINE]), samples))
         if attempts[-1][0] <= 0.05:
@@ -96,18 +100,30 @@ def measure(case: C.Case, device: str, quick: bool) -> list[dict]:
         ratio = timing.paired_ratio(times, base)
         ratio_q1, ratio_q3 = timing.paired_ratio_quartiles(times, base)
         mem_ratio = peaks[variant] / peaks[C.BASELINE] if variant in peaks and peaks[C.BASELINE] else None
-        rows.append({
-            "group": case.group, "case": case.name, "shape": case.shape, "dtype": case.dtype,
-            "variant": variant, "median_ms": timing.median(times) * 1e3,
-            "ratio_q1": ratio_q1, "ratio_q3": ratio_q3,
-            "unpatched_ms": timing.median(base) * 1e3, "ratio": ratio, "target": target,
-            "meets_target": None if target is None else ratio <= target,
-            "peak_mem_bytes": peaks.get(variant), "unpatched_peak_mem_bytes": peaks.get(C.BASELINE),
-            "peak_mem_ratio": mem_ratio,
-            "memory_meets_target": None if mem_ratio is None else mem_ratio <= 1.05,
-            "repeats": len(times), "attempts": len(attempts), "unpatched_spread": spread,
-            "note": "; ".join(n for n in (case.note, case.notes.get(variant, "")) if n),
-        })
+        rows.append(
+            {
+                "group": case.group,
+                "case": case.name,
+                "shape": case.shape,
+                "dtype": case.dtype,
+                "variant": variant,
+                "median_ms": timing.median(times) * 1e3,
+                "ratio_q1": ratio_q1,
+                "ratio_q3": ratio_q3,
+                "unpatched_ms": timing.median(base) * 1e3,
+                "ratio": ratio,
+                "target": target,
+                "meets_target": None if target is None else ratio <= target,
+                "peak_mem_bytes": peaks.get(variant),
+                "unpatched_peak_mem_bytes": peaks.get(C.BASELINE),
+                "peak_mem_ratio": mem_ratio,
+                "memory_meets_target": None if mem_ratio is None else mem_ratio <= 1.05,
+                "repeats": len(times),
+                "attempts": len(attempts),
+                "unpatched_spread": spread,
+                "note": "; ".join(n for n in (case.note, case.notes.get(variant, "")) if n),
+            }
+        )
     return rows
 
 
@@ -118,10 +134,12 @@ def measure_overheads(device: str, quick: bool) -> dict:
     # The general path's fixed cost per call (CUDA's path; forced on CPU): on a
     # kernel this small, what the fix adds is its Python and small ops, the cost a
     # decode step that is bound by the host (CUDA, small models) pays per layer.
-    masked_us, reused_us = _added_us(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
-                                     GENERAL_PATH, device, quick)
-    _, fresh_us = _added_us(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask.clone()),
-                            GENERAL_PATH, device, quick)
+    masked_us, reused_us = _added_us(
+        lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask), GENERAL_PATH, device, quick
+    )
+    _, fresh_us = _added_us(
+        lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask.clone()), GENERAL_PATH, device, quick
+    )
     hook = overheads.pth_hook_cost(runs=4 if quick else 200)
     return {
         "wrapper_no_mask_us": wrapper_us,
@@ -141,8 +159,14 @@ def measure_overheads(device: str, quick: bool) -> dict:
 def _added_us(call: Callable[[], object], variant: str, device: str, quick: bool) -> tuple[float, float]:
     """(µs per unpatched call, µs that ``variant`` adds to it): the median of the
     differences within each repeat, which load that comes and goes cancels out of."""
-    samples = timing.time_interleaved({C.BASELINE: call, variant: call}, switch=switch, device=device,
-                                      budget_s=1.0 if quick else 6.0, min_repeats=5, max_repeats=41)
+    samples = timing.time_interleaved(
+        {C.BASELINE: call, variant: call},
+        switch=switch,
+        device=device,
+        budget_s=1.0 if quick else 6.0,
+        min_repeats=5,
+        max_repeats=41,
+    )
     switch(C.BASELINE)
     base = samples[C.BASELINE]
     return timing.median(base) * 1e6, timing.median([p - b for p, b in zip(samples[variant], base)]) * 1e6
@@ -151,21 +175,33 @@ def _added_us(call: Callable[[], object], variant: str, device: str, quick: bool
 def metadata(device: str, quick: bool) -> dict:
     try:
         import transformers
+
         transformers_version = transformers.__version__
     except ImportError:
         transformers_version = None
     from attnpatch.targets import hf_attention
+
     name = torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or platform.machine())
     return {
-        "device": device, "device_name": name, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__, "transformers": transformers_version, "attnpatch": attnpatch.__version__,
-        "python": platform.python_version(), "platform": platform.platform(),
+        "device": device,
+        "device_name": name,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers_version,
+        "attnpatch": attnpatch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "mode": "quick" if quick else "full", "hf_targets_implemented": bool(hf_attention.POINTS),
+        "mode": "quick" if quick else "full",
+        "hf_targets_implemented": bool(hf_attention.POINTS),
         "load_average_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "ratio": "median over repeats of patched/unpatched timed back to back in the same repeat",
-        "peak_memory": ("CUDA allocator peak during one call" if device == "cuda" else
-                        "peak of the torch profiler's CPU memory timeline during one call"),
+        "peak_memory": (
+            "CUDA allocator peak during one call"
+            if device == "cuda"
+            else "peak of the torch profiler's CPU memory timeline during one call"
+        ),
     }
 
 
@@ -174,25 +210,34 @@ def _fmt(value: float | None, spec: str = ".3f") -> str:
 
 
 SUMMARY = [  # (label, target, row filter) for the figures the issue sets targets on
-    ("SDPA, fully masked rows, L >= 512", 1.05,
-     lambda r: r["group"] == "sdpa" and "fully masked rows" in r["case"] and r["target"] == 1.05),
-    ("SDPA, fully masked rows, L = 128", 1.10,
-     lambda r: r["group"] == "sdpa" and "fully masked rows" in r["case"] and r["target"] == 1.10),
-    ("SDPA, no mask / is_causal / no fully masked row", 1.01,
-     lambda r: r["group"] == "sdpa" and "fully masked rows" not in r["case"]),
+    (
+        "SDPA, fully masked rows, L >= 512",
+        1.05,
+        lambda r: r["group"] == "sdpa" and "fully masked rows" in r["case"] and r["target"] == 1.05,
+    ),
+    (
+        "SDPA, fully masked rows, L = 128",
+        1.10,
+        lambda r: r["group"] == "sdpa" and "fully masked rows" in r["case"] and r["target"] == 1.10,
+    ),
+    (
+        "SDPA, no mask / is_causal / no fully masked row",
+        1.01,
+        lambda r: r["group"] == "sdpa" and "fully masked rows" not in r["case"],
+    ),
     ("nn.MultiheadAttention", 1.05, lambda r: r["group"] == "mha"),
     ("nn.TransformerEncoder", 1.05, lambda r: r["group"] == "transformer"),
     ("tiny-model generate()", 1.03, lambda r: r["group"] == "hf" and "generate" in r["case"]),
-    ("general path (CUDA's, forced on CPU), S < 512", 1.03,
-     lambda r: r["group"] == "general" and r["target"] == 1.03),
-    ("general path (CUDA's, forced on CPU), S >= 512", 1.02,
-     lambda r: r["group"] == "general" and r["target"] == 1.02),
+    ("general path (CUDA's, forced on CPU), S < 512", 1.03, lambda r: r["group"] == "general" and r["target"] == 1.03),
+    ("general path (CUDA's, forced on CPU), S >= 512", 1.02, lambda r: r["group"] == "general" and r["target"] == 1.02),
     ("torch.compile(SDPA), fix traced in, S < 512", 1.03, lambda r: r["group"] == "compiled" and r["target"] == 1.03),
     ("torch.compile(SDPA), fix traced in, S >= 512", 1.02, lambda r: r["group"] == "compiled" and r["target"] == 1.02),
 ]
 # Rows of the opt-in softmax target: reported, no target (README, "Cost").
-SOFTMAX_SUMMARY = ("opt-in `softmax` target, softmax-heavy code without fully masked rows",
-                   lambda r: r["group"] == "softmax" and "fully masked rows fixed" not in r["case"])
+SOFTMAX_SUMMARY = (
+    "opt-in `softmax` target, softmax-heavy code without fully masked rows",
+    lambda r: r["group"] == "softmax" and "fully masked rows fixed" not in r["case"],
+)
 
 
 def summary_lines(result: dict) -> list[str]:
@@ -203,8 +248,10 @@ def summary_lines(result: dict) -> list[str]:
         kept = [r for r in rows if keep(r)]
         if kept:
             worst = max(kept, key=lambda r: r["ratio"])
-            lines.append(f"| {label} | {worst['ratio']:.3f} | {_fmt(floors.get(_case_key(worst)))} | <= {target:.2f} | "
-                         f"{'yes' if worst['ratio'] <= target else '**NO**'} |")
+            lines.append(
+                f"| {label} | {worst['ratio']:.3f} | {_fmt(floors.get(_case_key(worst)))} | <= {target:.2f} | "
+                f"{'yes' if worst['ratio'] <= target else '**NO**'} |"
+            )
     label, keep = SOFTMAX_SUMMARY
     ratios = [r["ratio"] for r in result["rows"] if r["variant"] == C.SOFTMAX_ON and keep(r)]
     if ratios:
@@ -213,10 +260,14 @@ def summary_lines(result: dict) -> list[str]:
     if mems:
         lines.append(f"| peak memory | {max(mems):.3f} | | <= 1.05 | {'yes' if max(mems) <= 1.05 else '**NO**'} |")
     over = result["overheads"]
-    lines.append(f"| wrapper cost, no mask | {over['wrapper_no_mask_us']:.2f} µs | | <= 2 µs | "
-                 f"{'yes' if over['wrapper_meets_target'] else '**NO**'} |")
-    lines.append(f"| `.pth` hook at start-up, ATTNPATCH unset | {over['startup_delta_ms']:.2f} ms | | < 1 ms | "
-                 f"{'yes' if over['pth_hook_meets_target'] else '**NO**'} |")
+    lines.append(
+        f"| wrapper cost, no mask | {over['wrapper_no_mask_us']:.2f} µs | | <= 2 µs | "
+        f"{'yes' if over['wrapper_meets_target'] else '**NO**'} |"
+    )
+    lines.append(
+        f"| `.pth` hook at start-up, ATTNPATCH unset | {over['startup_delta_ms']:.2f} ms | | < 1 ms | "
+        f"{'yes' if over['pth_hook_meets_target'] else '**NO**'} |"
+    )
     return lines
 
 
@@ -273,7 +324,7 @@ def markdown(result: dict) -> str:
         f"| same hook processed in-process (`site.addsitedir`, hook dir minus empty dir) | "
         f"{over['in_process_hook_us']:.1f} µs | | |",
         "",
-        "Start-up method: both arms run `python -S -c \"import site; site.main(); site.addsitedir(D)\"`, "
+        'Start-up method: both arms run `python -S -c "import site; site.main(); site.addsitedir(D)"`, '
         "D holding a copy of `attnpatch.pth` or nothing, in pairs of alternating order; the figure is the "
         "median of the pairs' differences, still within the noise of process start-up on a shared machine. "
         "Workaround rows time PyTorch with the hand-made mask (built once, outside the timing) and say how "
@@ -287,11 +338,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smoke run: one small shape per group, few repeats")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--out", default=str(Path(__file__).with_name("results")))
-    parser.add_argument("--only", default="", help="run only these groups, comma-separated (e.g. general,compiled); "
-                        "the results go to <device>-<groups>.md/json")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch threads (default: torch's choice); 1 keeps a busy shared machine's "
-                        "thread barriers out of the figures")
+    parser.add_argument(
+        "--only",
+        default="",
+        help="run only these groups, comma-separated (e.g. general,compiled); "
+        "the results go to <device>-<groups>.md/json",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads (default: torch's choice); 1 keeps a busy shared machine's "
+        "thread barriers out of the figures",
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -306,12 +365,18 @@ def main(argv: list[str] | None = None) -> int:
     builders = [build for group, build in case_builders(args.device, args.quick) if groups is None or group in groups]
     for index, build in enumerate(builders, 1):
         for case in build():
-            print(f"[{index}/{len(builders)} {time.perf_counter() - started:5.0f}s] {case.group}: {case.name} "
-                  f"{case.shape} {case.dtype}", flush=True)
+            print(
+                f"[{index}/{len(builders)} {time.perf_counter() - started:5.0f}s] {case.group}: {case.name} "
+                f"{case.shape} {case.dtype}",
+                flush=True,
+            )
             for row in measure(case, args.device, args.quick):
                 result["rows"].append(row)
-                print(f"      {row['variant']:<50} {row['median_ms']:9.3f} ms  ratio {row['ratio']:.3f}"
-                      + ("" if row["peak_mem_ratio"] is None else f"  mem {row['peak_mem_ratio']:.3f}"), flush=True)
+                print(
+                    f"      {row['variant']:<50} {row['median_ms']:9.3f} ms  ratio {row['ratio']:.3f}"
+                    + ("" if row["peak_mem_ratio"] is None else f"  mem {row['peak_mem_ratio']:.3f}"),
+                    flush=True,
+                )
     print(f"[{time.perf_counter() - started:5.0f}s] overheads", flush=True)
     result["overheads"] = measure_overheads(args.device, args.quick)
     result["meta"]["duration_s"] = round(time.perf_counter() - started, 1)

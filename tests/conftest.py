@@ -9,11 +9,16 @@ import attnpatch
 
 # ATTNPATCH_HYPOTHESIS_PROFILE=long runs thousands of examples per property test.
 settings.register_profile(
-    "ci", max_examples=120, deadline=None, derandomize=True,
+    "ci",
+    max_examples=120,
+    deadline=None,
+    derandomize=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.register_profile(
-    "long", max_examples=5000, deadline=None,
+    "long",
+    max_examples=5000,
+    deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.load_profile(os.environ.get("ATTNPATCH_HYPOTHESIS_PROFILE", "ci"))
@@ -57,4 +62,6 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     header): the test order and every test's random seeds follow from it."""
     seed = config.getoption("randomly_seed", None)
     if exitstatus not in (0, 5) and isinstance(seed, int):
-        terminalreporter.write_line(f"to replay this test order and these seeds, run pytest with --randomly-seed={seed}")
+        terminalreporter.write_line(
+            f"to replay this test order and these seeds, run pytest with --randomly-seed={seed}"
+        )

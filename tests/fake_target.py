@@ -8,7 +8,7 @@ import contextlib
 import sys
 import types
 import uuid
-from typing import Iterator
+from collections.abc import Iterator
 
 from attnpatch import _patching
 from attnpatch._patching import PatchPoint

@@ -11,20 +11,42 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 ROW_KEYS = {
-    "group", "case", "shape", "dtype", "variant", "median_ms", "unpatched_ms", "ratio", "ratio_q1", "ratio_q3", "target",
-    "meets_target", "peak_mem_ratio", "repeats", "note",
+    "group",
+    "case",
+    "shape",
+    "dtype",
+    "variant",
+    "median_ms",
+    "unpatched_ms",
+    "ratio",
+    "ratio_q1",
+    "ratio_q3",
+    "target",
+    "meets_target",
+    "peak_mem_ratio",
+    "repeats",
+    "note",
 }
 META_KEYS = {"device", "torch", "transformers", "attnpatch", "python", "date", "mode"}
 OVERHEAD_KEYS = {
-    "wrapper_no_mask_us", "import_attnpatch_ms", "startup_with_hook_ms", "startup_without_hook_ms",
-    "startup_delta_ms", "in_process_hook_us", "general_path_mask_reused_us", "general_path_mask_per_call_us",
+    "wrapper_no_mask_us",
+    "import_attnpatch_ms",
+    "startup_with_hook_ms",
+    "startup_without_hook_ms",
+    "startup_delta_ms",
+    "in_process_hook_us",
+    "general_path_mask_reused_us",
+    "general_path_mask_per_call_us",
 }
 
 
 def test_quick_run_writes_json_and_markdown(tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "benchmarks.run", "--quick", "--device", "cpu", "--out", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "[1/" in done.stdout  # progress is shown
@@ -52,7 +74,10 @@ def test_cuda_request_without_cuda_is_skipped_cleanly(tmp_path):
         return
     done = subprocess.run(
         [sys.executable, "-m", "benchmarks.run", "--quick", "--device", "cuda", "--out", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0
     assert "no CUDA" in done.stderr

@@ -40,7 +40,10 @@ def test_doctor_reproduces_the_nan_on_cpu_and_attnpatch_fixes_it(report):
 def test_doctor_covers_transformers(report):
     pytest.importorskip("transformers")
     rows = rows_of(report)
-    assert (rows["Qwen2 right-padded generate", "cpu/sdpa"]["unpatched"], rows["Qwen2 right-padded generate", "cpu/sdpa"]["patched"]) == ("wrong", "ok")
+    assert (
+        rows["Qwen2 right-padded generate", "cpu/sdpa"]["unpatched"],
+        rows["Qwen2 right-padded generate", "cpu/sdpa"]["patched"],
+    ) == ("wrong", "ok")
     # Eager attention averages over pad keys instead of giving 0 (finite, not the contract).
     assert rows["Llama left-padded forward", "cpu/eager"]["unpatched"] == "wrong"
     assert rows["Llama left-padded forward", "cpu/eager"]["patched"] == "ok"
@@ -82,7 +85,11 @@ def test_fixed_cases_exit_0(monkeypatch, capsys):
     monkeypatch.setattr(doctor, "build_cases", lambda devices: [fake_case("fixed", nan_unless_patched)])
     assert doctor.main(["--json"]) == 0
     assert json.loads(capsys.readouterr().out)["cases"][0] == {
-        "case": "fixed", "where": "cpu", "unpatched": "NaN", "patched": "ok", "detail": ""
+        "case": "fixed",
+        "where": "cpu",
+        "unpatched": "NaN",
+        "patched": "ok",
+        "detail": "",
     }
 
 

@@ -1,7 +1,6 @@
 """The pytest plugin: off unless asked; --attnpatch / ini for the session; the
 attnpatch_scope fixture for one test."""
 
-
 import torch  # noqa: F401 - see below
 
 import attnpatch
@@ -30,20 +29,25 @@ def all_off() -> bool:
 
 
 def test_plugin_does_nothing_unless_asked(pytester):
-    pytester.makepyfile(HOLDERS + """
+    pytester.makepyfile(
+        HOLDERS
+        + """
 import sys
 
 def test_off():
     assert holders() == 0
     assert "torch" not in sys.modules
-""")
+"""
+    )
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
     result.assert_outcomes(passed=1)
     assert "attnpatch: active" not in result.stdout.str()
 
 
 def test_option_activates_for_the_whole_session(pytester):
-    pytester.makepyfile(HOLDERS + """
+    pytester.makepyfile(
+        HOLDERS
+        + """
 import torch
 
 def test_active_and_fixes_the_nan():
@@ -57,7 +61,8 @@ def test_active_and_fixes_the_nan():
 def test_remove_in_a_test_does_not_end_the_session_activation():
     attnpatch.remove()
     assert holders() == 1
-""")
+"""
+    )
     result = pytester.runpytest("--attnpatch", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=2)
     result.stdout.fnmatch_lines(["attnpatch: active for this session"])
@@ -72,12 +77,15 @@ def test_ini_option_activates(pytester):
 
 
 def test_fixture_activates_for_one_test_only(pytester):
-    pytester.makepyfile(HOLDERS + """
+    pytester.makepyfile(
+        HOLDERS
+        + """
 def test_with_fixture(attnpatch_scope):
     assert holders() == 1
 
 def test_after_it():
     assert holders() == 0
-""")
+"""
+    )
     pytester.runpytest("-p", "no:cacheprovider").assert_outcomes(passed=2)
     assert all_off()

@@ -22,7 +22,9 @@ def blocks():
     found = []
     for match in BLOCK.finditer(text):
         line = text.count("\n", 0, match.start("code"))
-        found.append(pytest.param(match["lang"], match["code"], match["reason"], id=f"README.md:{line}-{match['lang']}"))
+        found.append(
+            pytest.param(match["lang"], match["code"], match["reason"], id=f"README.md:{line}-{match['lang']}")
+        )
     return found
 
 

@@ -56,7 +56,9 @@ def test_the_oldest_entry_was_run_and_every_entry_with_its_pins(data):
     for name, result in data["entries"].items():
         assert name in names, f"{name}: not an entry of the matrix (stale?)"
         python = names[name][0]
-        assert Version(result["versions"]["python"]).release[:2] == Version(python).release, f"{name}: ran on Python {result['versions']['python']}"
+        assert Version(result["versions"]["python"]).release[:2] == Version(python).release, (
+            f"{name}: ran on Python {result['versions']['python']}"
+        )
         for package, release in versions.pins(*names[name]).items():
             assert result["versions"][package] == release, f"{name}: ran {package} {result['versions'][package]}"
 
@@ -86,8 +88,9 @@ def test_python_classifiers_and_floor_are_the_pythons_that_passed(data, project)
     exactly those, and requires-python is the oldest of them."""
     passed = versions.pythons_passed(data)
     assert passed == list(versions.PYTHONS)
-    classifiers = [c.rsplit(" :: ", 1)[1] for c in project["classifiers"]
-                   if c.startswith("Programming Language :: Python :: 3.")]
+    classifiers = [
+        c.rsplit(" :: ", 1)[1] for c in project["classifiers"] if c.startswith("Programming Language :: Python :: 3.")
+    ]
     assert classifiers == passed
     assert project["requires-python"] == f">={passed[0]}"
 
@@ -96,7 +99,13 @@ def test_make_test_runs_the_oldest_and_newest_entries():
     makefile = (versions.ROOT / "Makefile").read_text()
     legs = makefile.split("\ntest:\n", 1)[1].splitlines()[0].split()  # CI runs `make test`
     assert {"test-edge-oldest", "test-edge-newest"} <= set(legs)
-    for leg, entry in (("test-edge-oldest", versions.matrix_entries()[0]), ("test-edge-newest", versions.matrix_entries()[-1])):
+    for leg, entry in (
+        ("test-edge-oldest", versions.matrix_entries()[0]),
+        ("test-edge-newest", versions.matrix_entries()[-1]),
+    ):
         python, torch_minor, transformers_minor = entry
         assert f"\n{leg}: EDGE_PYTHON := {python}\n" in makefile
-        assert f"\n{leg}: EDGE_ENTRY := tests(python='{python}', torch='{torch_minor}', transformers='{transformers_minor}')\n" in makefile
+        assert (
+            f"\n{leg}: EDGE_ENTRY := tests(python='{python}', torch='{torch_minor}', transformers='{transformers_minor}')\n"
+            in makefile
+        )

@@ -27,7 +27,9 @@ def compiled_under_patch(compile_and_run, targets=None):
         try:
             compile_and_run()
         except Exception as unpatched_error:  # noqa: BLE001 - any failure of torch's own
-            pytest.skip(f"torch {torch.__version__} cannot compile this without attnpatch either ({_describe(unpatched_error)})")
+            pytest.skip(
+                f"torch {torch.__version__} cannot compile this without attnpatch either ({_describe(unpatched_error)})"
+            )
         raise patched_error
     finally:
         torch._dynamo.reset()

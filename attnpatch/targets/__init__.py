@@ -7,7 +7,8 @@ from __future__ import annotations
 import contextvars
 import sys
 import types
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 
 def get_arg(args: tuple, kwargs: dict, index: int, name: str, default: Any = None) -> Any:
@@ -23,8 +24,11 @@ def copy_with_globals(function: Callable[..., Any], **overrides: Any) -> Callabl
     PyTorch's and transformers' own attention code: same code, so every row the
     change does not touch is bitwise what the original computes."""
     copy = types.FunctionType(
-        function.__code__, dict(function.__globals__, **overrides), function.__name__,
-        function.__defaults__, function.__closure__,
+        function.__code__,
+        dict(function.__globals__, **overrides),
+        function.__name__,
+        function.__defaults__,
+        function.__closure__,
     )
     copy.__kwdefaults__ = function.__kwdefaults__
     copy.__qualname__ = function.__qualname__
@@ -43,7 +47,9 @@ def namespace_copy(source: types.ModuleType, name: str | None = None, **override
     return copy
 
 
-def call_with(variable: contextvars.ContextVar, value: Any, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+def call_with(
+    variable: contextvars.ContextVar, value: Any, function: Callable[..., Any], *args: Any, **kwargs: Any
+) -> Any:
     """``function(*args, **kwargs)`` with ``variable`` set to ``value`` while it runs."""
     token = variable.set(value)
     try:
@@ -95,8 +101,7 @@ def subclass_arguments(args: tuple, kwargs: dict) -> bool:
     without attnpatch."""
     values = args + tuple(kwargs.values()) if kwargs else args
     return any(
-        type(value) is not torch.Tensor
-        and getattr(type(value), "__torch_function__", _DISABLED) is not _DISABLED
+        type(value) is not torch.Tensor and getattr(type(value), "__torch_function__", _DISABLED) is not _DISABLED
         for value in values
         if isinstance(value, torch.Tensor)
     )

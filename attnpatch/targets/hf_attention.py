@@ -41,7 +41,8 @@ from __future__ import annotations
 
 import dis
 import types
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -49,7 +50,7 @@ from torch import Tensor
 
 from attnpatch import masks
 from attnpatch._patching import PatchPoint, PlainFunctionPoint, PointFamily, Skip
-from attnpatch.targets import copy_with_globals, namespace_copy, get_arg, subclass_arguments, torch_sdpa, with_arg
+from attnpatch.targets import copy_with_globals, get_arg, namespace_copy, subclass_arguments, torch_sdpa, with_arg
 
 MASK = 4  # attention_mask: (module, query, key, value, attention_mask, ...)
 
@@ -136,7 +137,7 @@ def _not_llama_shaped(function: types.FunctionType) -> str:
     would stay unsafe in the copy and turn the rows we set to ``-inf`` into NaN."""
     code = function.__code__
     if code.co_varnames[: min(code.co_argcount, 5)] != LLAMA_ARGUMENTS:
-        return f"takes {code.co_varnames[:code.co_argcount]}, not {LLAMA_ARGUMENTS + ('...',)}"
+        return f"takes {code.co_varnames[: code.co_argcount]}, not {LLAMA_ARGUMENTS + ('...',)}"
     if any(isinstance(const, types.CodeType) for const in code.co_consts):
         return "defines nested functions"
     names = [i.argval for i in dis.get_instructions(code) if i.opname in ("LOAD_GLOBAL", "LOAD_ATTR", "LOAD_METHOD")]

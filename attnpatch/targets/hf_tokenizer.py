@@ -11,7 +11,8 @@ makes them. ``attnpatch.apply(hf_tokenizer=False)`` turns this target off.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from attnpatch._patching import PatchPoint
 

@@ -25,7 +25,8 @@ Knows torch 2.5 - 2.15.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch.utils.checkpoint as torch_checkpoint
 
@@ -58,8 +59,10 @@ class CheckpointFunction(TORCH_CHECKPOINT_FUNCTION):
 # also where the composable ``checkpoint(module)`` API (FSDP2's) imported it by name.
 GENERATORS = ("_checkpoint_without_reentrant_generator", "_checkpoint_without_reentrant_generator_impl")
 POINTS: list[PatchPoint] = [
-    *(PatchPoint(module, name, _with_state, optional=True)
-      for module in ("torch.utils.checkpoint", "torch.distributed._composable.checkpoint_activation")
-      for name in GENERATORS),
+    *(
+        PatchPoint(module, name, _with_state, optional=True)
+        for module in ("torch.utils.checkpoint", "torch.distributed._composable.checkpoint_activation")
+        for name in GENERATORS
+    ),
     ObjectPoint("torch.utils.checkpoint", "CheckpointFunction", prepare=lambda _original: CheckpointFunction),
 ]

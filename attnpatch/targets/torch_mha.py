@@ -24,7 +24,8 @@ from __future__ import annotations
 import contextvars
 import inspect
 import types
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -32,8 +33,15 @@ from torch import Tensor
 
 from attnpatch import masks
 from attnpatch._patching import PatchPoint, Skip
-from attnpatch.targets import call_with, copy_with_globals, dispatch_overrides, get_arg, overrides_engaged, with_arg
-from attnpatch.targets import torch_sdpa
+from attnpatch.targets import (
+    call_with,
+    copy_with_globals,
+    dispatch_overrides,
+    get_arg,
+    overrides_engaged,
+    torch_sdpa,
+    with_arg,
+)
 
 MASK, NEED_WEIGHTS, AVERAGE, MASK_TYPE = 9, 10, 11, 12  # _native_multi_head_attention
 PROJ_BIAS = 8
@@ -191,9 +199,22 @@ def _python_path(
     batch, heads, tgt_len, src_len = mask.shape
     forward = _safe_mha_forward or F.multi_head_attention_forward
     out, weights = forward(
-        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), embed_dim, num_heads,
-        qkv_weight, qkv_bias, None, None, False, 0.0, proj_weight, proj_bias,
-        training=False, need_weights=need_weights, average_attn_weights=average,
+        q.transpose(0, 1),
+        k.transpose(0, 1),
+        v.transpose(0, 1),
+        embed_dim,
+        num_heads,
+        qkv_weight,
+        qkv_bias,
+        None,
+        None,
+        False,
+        0.0,
+        proj_weight,
+        proj_bias,
+        training=False,
+        need_weights=need_weights,
+        average_attn_weights=average,
         attn_mask=mask.reshape(batch * heads, tgt_len, src_len),
     )
     return out.transpose(0, 1), weights

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import contextvars
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -56,11 +57,16 @@ def _check_cpu_kernels(dtype: torch.dtype) -> bool | None:
     autocast and saved-tensor hooks are per thread, so none of the caller's sees
     its forward and backward, and its inputs come from a generator of its own,
     so the caller's random stream is untouched."""
-    backends = (torch.ops.aten._scaled_dot_product_attention_math.default,
-                torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default)
+    backends = (
+        torch.ops.aten._scaled_dot_product_attention_math.default,
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+    )
     verdict: list[bool] = []
-    checker = threading.Thread(target=lambda: verdict.append(_cpu_kernels_zero_masked_rows(backends, dtype)),
-                               name="attnpatch-sdpa-kernel-check", daemon=True)
+    checker = threading.Thread(
+        target=lambda: verdict.append(_cpu_kernels_zero_masked_rows(backends, dtype)),
+        name="attnpatch-sdpa-kernel-check",
+        daemon=True,
+    )
     try:
         checker.start()
         checker.join()
@@ -79,8 +85,9 @@ def _cpu_kernels_zero_masked_rows(backends: tuple[Any, ...], dtype: torch.dtype)
     try:
         mask = torch.zeros(3, 3, dtype=dtype, device=cpu).masked_fill(~keep, masks.NEG_INF)
         for backend in backends:
-            q, k, v = (torch.randn(1, 2, 3, 8, generator=generator, device=cpu).to(dtype).requires_grad_()
-                       for _ in range(3))
+            q, k, v = (
+                torch.randn(1, 2, 3, 8, generator=generator, device=cpu).to(dtype).requires_grad_() for _ in range(3)
+            )
             out = backend(q, k, v, attn_mask=mask)[0]
             out.sum().backward()
             grads = [t.grad for t in (q, k, v)]
@@ -98,10 +105,7 @@ def _cpu_kernels_zero_masked_rows(backends: tuple[Any, ...], dtype: torch.dtype)
 def _kernel_is_safe(sdpa: Callable[..., Tensor], query: Any) -> bool:
     """Whether this call is an eager call of torch's own CPU kernel, known safe."""
     if not (
-        sdpa is TORCH_SDPA
-        and isinstance(query, Tensor)
-        and masks.may_inspect_values(query)
-        and not query.is_nested
+        sdpa is TORCH_SDPA and isinstance(query, Tensor) and masks.may_inspect_values(query) and not query.is_nested
     ):
         return False
     safe = _safe_cpu_dtypes.get(query.dtype)
@@ -198,7 +202,9 @@ def _wrapper(wrapped: Callable[..., Tensor], instance: Any, args: tuple, kwargs:
 # ``func``; with the same wrapper there, ``func is F.scaled_dot_product_attention``
 # holds in a handler (CausalBias's check) as it does without attnpatch.
 POINT = PatchPoint(
-    "torch.nn.functional", "scaled_dot_product_attention", _wrapper,
+    "torch.nn.functional",
+    "scaled_dot_product_attention",
+    _wrapper,
     aliases=(("torch._C._nn", "scaled_dot_product_attention"),),
 )
 POINTS = [POINT]

@@ -23,7 +23,8 @@ name before ``apply()`` (``from torch.nn.functional import softmax``),
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor

@@ -15,7 +15,8 @@ layer, and every other row is bitwise what the kernel computes for it.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor

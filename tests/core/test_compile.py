@@ -9,8 +9,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import attnpatch
-
 from tests.torch_baseline import compiled_under_patch, unpatched_or_skip
+
 from .helpers import causal_drop_mask, has_nan, left_padded_keep_mask, left_padding, naive_sdpa, to_float_mask
 
 B, L, E, H = 2, 5, 16, 2
@@ -66,7 +66,9 @@ def _encoder():
 def test_encoder_inference_inductor():
     enc = _encoder()
     kpm, am = left_padding(LENGTHS, L), causal_drop_mask(L)
-    _compiled_equals_eager(lambda x: enc(x, mask=am, src_key_padding_mask=kpm), torch.randn(B, L, E), backend="inductor")
+    _compiled_equals_eager(
+        lambda x: enc(x, mask=am, src_key_padding_mask=kpm), torch.randn(B, L, E), backend="inductor"
+    )
 
 
 @torch.no_grad()
@@ -86,11 +88,16 @@ def _traced(fn, *args):
     nodes = []
 
     def record(graph_module, example_inputs):
-        nodes.extend(node for node in graph_module.graph.nodes
-                     if node.op == "call_function" and str(node.target).startswith("aten."))
+        nodes.extend(
+            node
+            for node in graph_module.graph.nodes
+            if node.op == "call_function" and str(node.target).startswith("aten.")
+        )
         return graph_module
 
-    out = compiled_under_patch(lambda: torch.compile(fn, fullgraph=True, backend=aot_autograd(fw_compiler=record))(*args))
+    out = compiled_under_patch(
+        lambda: torch.compile(fn, fullgraph=True, backend=aot_autograd(fw_compiler=record))(*args)
+    )
     return out, nodes
 
 

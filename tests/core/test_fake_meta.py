@@ -45,8 +45,9 @@ def _mha(need_weights: bool, fast_path: bool):
     mha = nn.MultiheadAttention(E, H, batch_first=True).train(not fast_path)
     x = torch.randn(B, L, E, requires_grad=not fast_path)
     with torch.no_grad() if fast_path else contextlib.nullcontext():
-        out, weights = mha(x, x, x, key_padding_mask=left_padding(LENGTHS, L), attn_mask=causal_drop_mask(L),
-                           need_weights=need_weights)
+        out, weights = mha(
+            x, x, x, key_padding_mask=left_padding(LENGTHS, L), attn_mask=causal_drop_mask(L), need_weights=need_weights
+        )
     if fast_path:
         return out, weights
     out.sum().backward()
@@ -111,10 +112,12 @@ def _run(case, where: str, patched: bool) -> tuple[list, Counter]:
     try:
         with _on(where), log, attnpatch.patched() if patched else contextlib.nullcontext():
             return _signature(case()), log.ops
-    except Exception as exc:  # noqa: BLE001 - only the unpatched run may skip, saying why
+    except Exception as exc:
         if patched:
             raise
-        pytest.skip(f"without attnpatch, torch/transformers cannot run this on {where} tensors: {type(exc).__name__}: {exc}")
+        pytest.skip(
+            f"without attnpatch, torch/transformers cannot run this on {where} tensors: {type(exc).__name__}: {exc}"
+        )
 
 
 @pytest.mark.parametrize("where", ["meta", "fake"])

@@ -103,12 +103,16 @@ def test_sdpa_with_torchs_kernel_is_the_patched_call(path, float_mask):
     assert not has_nan(*got)
 
 
-@pytest.mark.parametrize("call", [
-    lambda f, q, k, v: f(q, k, v[:, :, :3], attn_mask=KEEP),  # keys and values of different lengths
-    lambda f, q, k, v: f(q, k),
-    lambda f, q, k, v: f(q, k, v, KEEP[..., :2]),
-    lambda f, q, k, v: f(q, k, v, KEEP.int()),
-], ids=["value length", "no value", "mask shape", "mask dtype"])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda f, q, k, v: f(q, k, v[:, :, :3], attn_mask=KEEP),  # keys and values of different lengths
+        lambda f, q, k, v: f(q, k),
+        lambda f, q, k, v: f(q, k, v, KEEP[..., :2]),
+        lambda f, q, k, v: f(q, k, v, KEEP.int()),
+    ],
+    ids=["value length", "no value", "mask shape", "mask dtype"],
+)
 def test_sdpa_bad_input_raises_pytorchs_own_error(path, call):
     q, k, v = _qkv()
     with pytest.raises(Exception) as expected:
@@ -182,8 +186,21 @@ def test_multi_head_attention_forward_called_directly():
 
     def call(forward):
         out, weights = forward(
-            x, x, x, E, H, plain.in_proj_weight, plain.in_proj_bias, None, None, False, 0.0,
-            plain.out_proj.weight, plain.out_proj.bias, key_padding_mask=PADS, attn_mask=causal_drop_mask(L),
+            x,
+            x,
+            x,
+            E,
+            H,
+            plain.in_proj_weight,
+            plain.in_proj_bias,
+            None,
+            None,
+            False,
+            0.0,
+            plain.out_proj.weight,
+            plain.out_proj.bias,
+            key_padding_mask=PADS,
+            attn_mask=causal_drop_mask(L),
         )
         return [out.detach(), weights, *torch.autograd.grad(out.sum(), [x, plain.in_proj_weight])]
 
@@ -354,8 +371,11 @@ def _compiled(fn, *args):
     ops = collections.Counter()
 
     def record(graph_module, example_inputs):
-        ops.update(str(n.target).split(".")[1] for n in graph_module.graph.nodes
-                   if n.op == "call_function" and str(n.target).startswith("aten."))
+        ops.update(
+            str(n.target).split(".")[1]
+            for n in graph_module.graph.nodes
+            if n.op == "call_function" and str(n.target).startswith("aten.")
+        )
         return graph_module
 
     return torch.compile(fn, fullgraph=True, backend=aot_autograd(fw_compiler=record))(*args), ops
@@ -369,8 +389,10 @@ def test_compile_fullgraph(fresh_dynamo, case):
     scores = torch.randn(B, H, L, L).masked_fill(~KEEP, float("-inf"))
     fn, arg = {
         "sdpa": (lambda q: AF.scaled_dot_product_attention(q, q, q, attn_mask=KEEP), q),
-        "mha train": (lambda x: fixed(x, x, x, key_padding_mask=PADS, attn_mask=causal_drop_mask(L))[0],
-                      torch.randn(B, L, E)),
+        "mha train": (
+            lambda x: fixed(x, x, x, key_padding_mask=PADS, attn_mask=causal_drop_mask(L))[0],
+            torch.randn(B, L, E),
+        ),
         "mha fast path": (lambda x: fixed(x, x, x, key_padding_mask=PADS, need_weights=False)[0], torch.randn(B, L, E)),
         "softmax": (lambda s: AF.softmax(s, -1), scores),
     }[case]
@@ -390,7 +412,8 @@ class _Model(nn.Module):
 
     def forward(self, q, x):
         return AF.scaled_dot_product_attention(q, q, q, attn_mask=KEEP), self.attn(
-            x, x, x, key_padding_mask=PADS, attn_mask=causal_drop_mask(L))[0]
+            x, x, x, key_padding_mask=PADS, attn_mask=causal_drop_mask(L)
+        )[0]
 
 
 def test_torch_export():
@@ -412,4 +435,3 @@ def test_vmap_per_sample(path):
     one_by_one = torch.stack([AF.scaled_dot_product_attention(q[i], k[i], v[i], attn_mask=KEEP[i]) for i in range(B)])
     assert torch.equal(batched, one_by_one)
     assert torch.equal(batched[ROWS], torch.zeros_like(batched[ROWS]))
-

@@ -34,7 +34,9 @@ def _mha_case(need_weights):
 
     def loss(params, x, padding):
         out, _ = functional_call(
-            mha, params, (x[None], x[None], x[None]),
+            mha,
+            params,
+            (x[None], x[None], x[None]),
             {"key_padding_mask": padding[None], "attn_mask": causal_drop_mask(L), "need_weights": need_weights},
         )
         return (out[0] * (~padding)[:, None]).sum()  # a loss that ignores the pad rows
@@ -60,7 +62,7 @@ def test_mha_per_sample_gradients(path, need_weights):
         assert g.isfinite().all(), name
         assert torch.equal(g[0], plain[name][0]), name  # the sample without padding: as unpatched
         for i, alone in enumerate(one_by_one):
-            torch.testing.assert_close(g[i], alone[name], msg=lambda m: f"{name}[{i}]: {m}")
+            torch.testing.assert_close(g[i], alone[name], msg=lambda m, name=name, i=i: f"{name}[{i}]: {m}")
         if not need_weights and path == "cpu path":
             assert torch.equal(g, plain[name]), name  # torch's CPU kernel was right already
 

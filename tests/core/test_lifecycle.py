@@ -55,7 +55,7 @@ def test_targets_pick_and_options_toggle():
 def test_targets_lists_the_targets_once_their_modules_are_imported():
     """Importing a target module binds the package ``attnpatch.targets`` over the
     function ``attnpatch.targets()``; the call must still answer."""
-    import attnpatch.targets.torch_sdpa  # noqa: F401
+    import attnpatch.targets.torch_sdpa
 
     assert attnpatch.targets() == sorted(attnpatch._patching.TARGETS)
     assert "sdpa" in attnpatch.targets() and "softmax" in attnpatch.targets()
@@ -152,7 +152,9 @@ def test_plain_replacement_on_top_is_left_alone_and_ours_passes_through():
         q = torch.randn(1, 1, 2, 4)
         mask = torch.tensor([[False, False], [True, True]])
         out = F.scaled_dot_product_attention(q, q, q, attn_mask=mask)
-        assert calls == [1] and torch.equal(out, ORIGINALS[(F, "scaled_dot_product_attention")](q, q, q, attn_mask=mask))
+        assert calls == [1] and torch.equal(
+            out, ORIGINALS[(F, "scaled_dot_product_attention")](q, q, q, attn_mask=mask)
+        )
     finally:
         F.scaled_dot_product_attention = ORIGINALS[(F, "scaled_dot_product_attention")]
 
@@ -226,6 +228,9 @@ def test_attnpatch_run_sets_the_variable_for_the_child():
     code = "import os, torch, attnpatch; print(os.environ['ATTNPATCH'], attnpatch.status()['mha']['state'])"
     out = subprocess.run(
         [sys.executable, "-m", "attnpatch", "run", "--", sys.executable, "-c", code],
-        env=env, capture_output=True, text=True, check=True,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.strip()
     assert out == "1 installed"

@@ -248,11 +248,12 @@ def test_without_aten_safe_softmax_the_composite_runs(tmp_path):
     nan_kernel=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_patched_sdpa_matches_float64_reference(batch, heads, q_len, k_len, dim, dtype, mask_rank, as_float, nan_kernel, seed):
+def test_patched_sdpa_matches_float64_reference(
+    batch, heads, q_len, k_len, dim, dtype, mask_rank, as_float, nan_kernel, seed
+):
     """Masked rows exactly 0, other rows close to float64, bitwise to unpatched;
     with torch's kernel and with a NaN-producing stand-in underneath."""
     import torch.nn.functional as F
-
 
     from .helpers import naive_sdpa
 

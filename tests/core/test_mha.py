@@ -126,14 +126,24 @@ def _reference(m, x, key_padding_mask, attn_mask, batch_first, **kwargs):
     """Float64, need_weights=False Python path without attnpatch: PyTorch's own
     CPU semantics for fully masked rows (output out_proj(0))."""
     ref = nn.MultiheadAttention(
-        E, H, batch_first=batch_first, bias=m.in_proj_bias is not None,
-        kdim=m.kdim, vdim=m.vdim, add_bias_kv=m.bias_k is not None, add_zero_attn=m.add_zero_attn,
+        E,
+        H,
+        batch_first=batch_first,
+        bias=m.in_proj_bias is not None,
+        kdim=m.kdim,
+        vdim=m.vdim,
+        add_bias_kv=m.bias_k is not None,
+        add_zero_attn=m.add_zero_attn,
     ).double()
     ref.load_state_dict(m.state_dict())
     ref.train()  # dropout is 0; train() avoids the fast path
     xd = x.detach().double()
     mask = attn_mask.double() if attn_mask is not None and attn_mask.is_floating_point() else attn_mask
-    kpm = key_padding_mask.double() if key_padding_mask is not None and key_padding_mask.is_floating_point() else key_padding_mask
+    kpm = (
+        key_padding_mask.double()
+        if key_padding_mask is not None and key_padding_mask.is_floating_point()
+        else key_padding_mask
+    )
     return ref(xd, xd, xd, key_padding_mask=kpm, attn_mask=mask, need_weights=False, **kwargs)[0]
 
 
@@ -144,7 +154,10 @@ CASES = {
         torch.zeros(L, L).masked_fill(causal_drop_mask(L), float("-inf")),
     ),
     "kpm-fully-padded-element": lambda: (torch.tensor([[True] * L, [False] * L]), None),
-    "attn-mask-only": lambda: (None, torch.ones(L, L, dtype=torch.bool).triu(0)),  # row i sees nothing left of i... all of row 0.. masked
+    "attn-mask-only": lambda: (
+        None,
+        torch.ones(L, L, dtype=torch.bool).triu(0),
+    ),  # row i sees nothing left of i... all of row 0.. masked
 }
 
 
@@ -157,7 +170,9 @@ def test_matches_float64_reference(case, need_weights, average, train, grad):
     m.dropout = 0.0
     x = _input(requires_grad=grad)
     with torch.set_grad_enabled(grad), attnpatch.patched("mha"):
-        out, w = m(x, x, x, key_padding_mask=kpm, attn_mask=attn_mask, need_weights=need_weights, average_attn_weights=average)
+        out, w = m(
+            x, x, x, key_padding_mask=kpm, attn_mask=attn_mask, need_weights=need_weights, average_attn_weights=average
+        )
     assert not has_nan(out, w)
     expected = _reference(m, x, kpm, attn_mask, True)
     torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)

@@ -205,8 +205,15 @@ def test_the_native_fast_path_kernel_under_a_mode_calls_back_into_the_fix():
     mha, x, pad = _mha_call()
     mha.eval()
     args = (
-        x.detach(), x.detach(), x.detach(), mha.embed_dim, mha.num_heads,
-        mha.in_proj_weight, mha.in_proj_bias, mha.out_proj.weight, mha.out_proj.bias,
+        x.detach(),
+        x.detach(),
+        x.detach(),
+        mha.embed_dim,
+        mha.num_heads,
+        mha.in_proj_weight,
+        mha.in_proj_bias,
+        mha.out_proj.weight,
+        mha.out_proj.bias,
         (causal_drop_mask(5) | pad[:, None, None, :]).expand(2, 2, 5, 5),
     )
     with torch.no_grad():

@@ -61,8 +61,12 @@ def test_nan_kernel_gradients_finite_and_zero_from_masked_rows(nan_kernel):
 @pytest.mark.parametrize(
     "call",
     [
-        pytest.param(lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, m, 0.0, False, scale=0.3), id="positional+scale"),
-        pytest.param(lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=0.3), id="keyword+scale"),
+        pytest.param(
+            lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, m, 0.0, False, scale=0.3), id="positional+scale"
+        ),
+        pytest.param(
+            lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=0.3), id="keyword+scale"
+        ),
         pytest.param(lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m[:, :, :, :]), id="view"),
     ],
 )
@@ -154,9 +158,18 @@ def test_caller_mask_not_mutated(nan_kernel):
 @pytest.mark.parametrize(
     "bad",
     [
-        pytest.param(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=torch.ones(3, 3, dtype=torch.bool)), id="shape"),
-        pytest.param(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=torch.ones(L, L, dtype=torch.int64)), id="dtype"),
-        pytest.param(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=torch.zeros(L, L, dtype=torch.float64)), id="float-dtype"),
+        pytest.param(
+            lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=torch.ones(3, 3, dtype=torch.bool)),
+            id="shape",
+        ),
+        pytest.param(
+            lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=torch.ones(L, L, dtype=torch.int64)),
+            id="dtype",
+        ),
+        pytest.param(
+            lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=torch.zeros(L, L, dtype=torch.float64)),
+            id="float-dtype",
+        ),
         pytest.param(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask="mask"), id="not-a-tensor"),
     ],
 )

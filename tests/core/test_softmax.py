@@ -92,13 +92,15 @@ def test_row_with_plus_and_minus_inf_stays_nan(path, grad):
     (inf - inf), and so must the target, whichever of its entries come first.
     Every other row, the fully masked one included, is fixed as usual."""
     inf = float("inf")
-    x = torch.tensor([
-        [inf, NEG_INF, NEG_INF, NEG_INF],
-        [NEG_INF, NEG_INF, inf, NEG_INF],
-        [NEG_INF, inf, 0.5, -2.0],
-        [NEG_INF, NEG_INF, NEG_INF, NEG_INF],
-        [0.1, NEG_INF, 2.0, -1.0],
-    ]).requires_grad_(grad)
+    x = torch.tensor(
+        [
+            [inf, NEG_INF, NEG_INF, NEG_INF],
+            [NEG_INF, NEG_INF, inf, NEG_INF],
+            [NEG_INF, inf, 0.5, -2.0],
+            [NEG_INF, NEG_INF, NEG_INF, NEG_INF],
+            [0.1, NEG_INF, 2.0, -1.0],
+        ]
+    ).requires_grad_(grad)
     plain = x.softmax(-1)
     assert plain[:4].isnan().all() and not plain[4].isnan().any()  # what torch gives
     with attnpatch.patched("softmax"):

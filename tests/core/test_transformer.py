@@ -100,8 +100,11 @@ def test_decoder_layer_and_transformer_with_nan_kernel(monkeypatch, train):
     src, tgt = _x(1), _x(2).requires_grad_(train)
     causal, kpm = _masks(False)
     kwargs = dict(
-        src_mask=causal, tgt_mask=causal, src_key_padding_mask=kpm,
-        tgt_key_padding_mask=kpm, memory_key_padding_mask=kpm,
+        src_mask=causal,
+        tgt_mask=causal,
+        src_key_padding_mask=kpm,
+        tgt_key_padding_mask=kpm,
+        memory_key_padding_mask=kpm,
     )
     with torch.set_grad_enabled(train):
         assert has_nan(model(src, tgt, **kwargs))

@@ -88,9 +88,11 @@ def _llama_case(attn):
     from tests.hf.helpers import left_padded
 
     if not getattr(masking_utils, "_is_torch_greater_or_equal_than_2_6", True):
-        pytest.skip(f"on torch {torch.__version__} transformers builds masks with torch.vmap, which this "
-                    "torch's export cannot trace, with or without attnpatch (and a failed attempt leaves "
-                    "vmap's state behind for the tests after it)")
+        pytest.skip(
+            f"on torch {torch.__version__} transformers builds masks with torch.vmap, which this "
+            "torch's export cannot trace, with or without attnpatch (and a failed attempt leaves "
+            "vmap's state behind for the tests after it)"
+        )
 
     ids, mask = left_padded([[5, 6, 7, 8, 9, 10], [11, 12, 13]])
     return Llama(attn), (ids, mask), (1, slice(0, 3))
@@ -98,10 +100,20 @@ def _llama_case(attn):
 
 # name -> () -> (module, inputs, index of the fully masked rows in the output)
 CASES = {
-    "sdpa": lambda: (SDPA(), (*(torch.randn(B, H, L, 8, generator=torch.Generator().manual_seed(i)) for i in range(3)),
-                              left_padded_keep_mask(LENGTHS, L)), (0, slice(None), slice(0, 2))),
+    "sdpa": lambda: (
+        SDPA(),
+        (
+            *(torch.randn(B, H, L, 8, generator=torch.Generator().manual_seed(i)) for i in range(3)),
+            left_padded_keep_mask(LENGTHS, L),
+        ),
+        (0, slice(None), slice(0, 2)),
+    ),
     "mha": lambda: (MHA(), (torch.randn(B, L, E), left_padding(LENGTHS, L), causal_drop_mask(L)), (0, slice(0, 2))),
-    "encoder": lambda: (Encoder(), (torch.randn(B, L, E), left_padding(LENGTHS, L), causal_drop_mask(L)), (0, slice(0, 2))),
+    "encoder": lambda: (
+        Encoder(),
+        (torch.randn(B, L, E), left_padding(LENGTHS, L), causal_drop_mask(L)),
+        (0, slice(0, 2)),
+    ),
     "llama-sdpa": lambda: _llama_case("sdpa"),
     "llama-eager": lambda: _llama_case("eager"),
 }
@@ -117,7 +129,7 @@ UNPATCHED_EXPORT = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _case(name):
     module, inputs, pad_rows = CASES[name]()
     module.eval()
@@ -144,7 +156,7 @@ def _export(module, inputs, patched):
         return torch.export.export(module, inputs)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _unpatched_program(name):
     """The case exported without attnpatch; where this torch cannot export it
     at all, the test skips and says so."""
@@ -153,8 +165,11 @@ def _unpatched_program(name):
 
 
 def _graph_op_names(program) -> list:
-    return [getattr(node.target, "__name__", str(node.target)).split(".")[0]
-            for node in program.graph.nodes if node.op == "call_function"]
+    return [
+        getattr(node.target, "__name__", str(node.target)).split(".")[0]
+        for node in program.graph.nodes
+        if node.op == "call_function"
+    ]
 
 
 def _graph_ops(program) -> set:
@@ -175,8 +190,12 @@ def _check_patched(name, out, expected, pad_rows, exact):
     if name == "sdpa":
         assert torch.equal(out[pad_rows], torch.zeros_like(out[pad_rows]))
     elif name == "mha":  # out_proj(0): the bias
-        torch.testing.assert_close(out[pad_rows], module.attn.out_proj.bias.detach().expand_as(out[pad_rows]),
-                                   rtol=0, atol=0 if exact else 1e-6)
+        torch.testing.assert_close(
+            out[pad_rows],
+            module.attn.out_proj.bias.detach().expand_as(out[pad_rows]),
+            rtol=0,
+            atol=0 if exact else 1e-6,
+        )
 
 
 @pytest.mark.parametrize("name", ["sdpa", "encoder", "llama-sdpa"])
@@ -234,8 +253,10 @@ def _onnx_runtime_output(module, inputs, patched):
 @pytest.mark.parametrize("name", list(CASES))
 def test_onnx_runtime(name):
     module, inputs, pad_rows, expected = _case(name)
-    plain = unpatched_or_skip(lambda: _onnx_runtime_output(module, inputs, patched=False),
-                              "this case through torch.onnx.export and ONNX Runtime")
+    plain = unpatched_or_skip(
+        lambda: _onnx_runtime_output(module, inputs, patched=False),
+        "this case through torch.onnx.export and ONNX Runtime",
+    )
     # The bug, first: exported without attnpatch, ONNX Runtime's CPU kernels give
     # NaN (softmax over a row of -inf) or a finite but wrong row.
     assert not _is_right(plain, expected)

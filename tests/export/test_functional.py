@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 
-from tests.core.test_functional import _Model, _qkv, B, E, L
+from tests.core.test_functional import B, E, L, _Model, _qkv
 
 
 def test_onnx_runtime():

@@ -18,8 +18,9 @@ from __future__ import annotations
 import collections
 import contextlib
 import traceback
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 from torch._guards import detect_fake_mode
@@ -35,8 +36,13 @@ aten = torch.ops.aten
 ATTNPATCH_DIR = str(Path(attnpatch.__file__).parent)
 
 # Named for the record; the tags below already cover most of them.
-VALUE_READS = {aten._local_scalar_dense.default, aten.item.default, aten.is_nonzero.default,
-               aten.equal.default, aten.nonzero.default}
+VALUE_READS = {
+    aten._local_scalar_dense.default,
+    aten.item.default,
+    aten.is_nonzero.default,
+    aten.equal.default,
+    aten.nonzero.default,
+}
 INDEX_OPS = {aten.index.Tensor, aten.index_put.default, aten.index_put_.default, aten._index_put_impl_.default}
 DATA_DEPENDENT_TAGS = {torch.Tag.data_dependent_output, torch.Tag.dynamic_output_shape}
 
@@ -48,7 +54,9 @@ def reads_values(func: Any, args: tuple) -> bool:
     if func in VALUE_READS or DATA_DEPENDENT_TAGS.intersection(getattr(func, "tags", ())):
         return True
     if func in INDEX_OPS and len(args) > 1:
-        return any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in args[1] if i is not None)
+        return any(
+            isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in args[1] if i is not None
+        )
     return False
 
 
@@ -109,7 +117,9 @@ def trace(run: Callable[[], Any], *, patch: str | None) -> tuple[HostReads, list
     return reads, describe(result)
 
 
-def assert_no_new_host_reads(run: Callable[[], Any], patch: str = "", *, fix_runs: bool = True) -> tuple[HostReads, HostReads]:
+def assert_no_new_host_reads(
+    run: Callable[[], Any], patch: str = "", *, fix_runs: bool = True
+) -> tuple[HostReads, HostReads]:
     """The check of this test tier: ``run()`` patched adds no host read to the same
     call unpatched, returns results of the same shape, dtype and device, and
     (``fix_runs``) attnpatch's fix did run: the patched call dispatches ops the
@@ -144,7 +154,7 @@ def cuda_branch(branch: str) -> Iterator[str]:
     """``branch`` of ``BRANCHES``: fake tensors (make them on "cuda"), or real CPU
     tensors with the general path forced, where every aten op that runs is the
     real one. Yields the device to make the case's tensors on."""
-    with (fake_mode() if branch == "fake-cuda" else general_path()):
+    with fake_mode() if branch == "fake-cuda" else general_path():
         yield "cuda" if branch == "fake-cuda" else "cpu"
 
 

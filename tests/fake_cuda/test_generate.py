@@ -8,11 +8,11 @@ general path forced, patched against unpatched."""
 import pytest
 import torch
 
-from .probe import trace, general_path
+from .probe import general_path, trace
 
 pytest.importorskip("transformers", reason="needs transformers")
 
-from tests.hf.helpers import left_padded, right_padded, tiny_model  # noqa: E402
+from tests.hf.helpers import left_padded, right_padded, tiny_model
 
 PROMPTS = [[5, 6, 7, 8, 9], [11, 12, 13], [14]]
 READS_ALIGNMENT = ("targets/hf_generate.py", "masks.py")  # where re-alignment reads, by design
@@ -21,8 +21,9 @@ ALIGNMENT_FUNCTIONS = ("_realigned_call", "right_padding_lengths", "trailing_pad
 
 def _added_reads(model, ids, mask, new_tokens):
     def run():
-        return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
-                              min_new_tokens=new_tokens, do_sample=False)
+        return model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False
+        )
 
     with torch.no_grad(), general_path():
         unpatched, _ = trace(run, patch=None)

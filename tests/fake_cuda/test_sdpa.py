@@ -82,6 +82,10 @@ def test_real_tensors_general_path(kind, grad):
     q = torch.randn(B, H, L, D, requires_grad=grad)
     k, v = (torch.randn(B, H, S, D, requires_grad=grad) for _ in range(2))
     mask = _mask((B, 1, L, S), kind, "cpu", torch.float32)
-    run = (lambda: _train_step(q, k, v, mask)) if grad else (lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+    run = (
+        (lambda: _train_step(q, k, v, mask))
+        if grad
+        else (lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+    )
     with general_path():
         assert_no_new_host_reads(run, "sdpa")

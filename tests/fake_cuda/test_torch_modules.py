@@ -48,7 +48,9 @@ def _params(module, device):
     return fake_like(module, device) if device == "cuda" else module.state_dict()
 
 
-@pytest.mark.parametrize("kind", [kind for kind in KINDS if not kind.startswith("float")])  # float masks leave the fast path
+@pytest.mark.parametrize(
+    "kind", [kind for kind in KINDS if not kind.startswith("float")]
+)  # float masks leave the fast path
 @pytest.mark.parametrize("need_weights", [True, False])
 @pytest.mark.parametrize("branch", BRANCHES)
 def test_mha_fast_path(branch, kind, need_weights):
@@ -56,7 +58,9 @@ def test_mha_fast_path(branch, kind, need_weights):
     with cuda_branch(branch) as device:
         params = _params(module, device)
         x = torch.randn(B, L, E, device=device)
-        unpatched, patched = assert_no_new_host_reads(_mha_call(module, params, x, kind, need_weights, device), "mha,sdpa")
+        unpatched, patched = assert_no_new_host_reads(
+            _mha_call(module, params, x, kind, need_weights, device), "mha,sdpa"
+        )
     assert NATIVE_MHA in patched.ops
 
 
@@ -107,6 +111,8 @@ def test_encoder_stack_counts_host_reads_on_real_tensors():
     x = torch.randn(B, L, E)
     pad, causal = _masks("padding+causal", "cpu")
     with torch.no_grad(), general_path():
-        unpatched, patched = assert_no_new_host_reads(lambda: encoder(x, mask=causal, src_key_padding_mask=pad), "transformer")
+        unpatched, patched = assert_no_new_host_reads(
+            lambda: encoder(x, mask=causal, src_key_padding_mask=pad), "transformer"
+        )
     assert ENCODER_LAYER in patched.ops
     assert unpatched.reads, "torch itself reads the mask here; the check compares against that"

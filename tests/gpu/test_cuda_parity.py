@@ -73,8 +73,12 @@ def test_sdpa_backend_parity(dtype, backend, float_mask, grad):
     valid = ~rows
     finite = torch.isfinite(unpatched).all(-1) & valid
     torch.testing.assert_close(patched[finite], unpatched[finite], atol=TOL[dtype], rtol=TOL[dtype])
-    torch.testing.assert_close(patched.double().cpu()[valid.cpu()], _reference(q, k, v, keep.expand(B, H, L, L))[valid.cpu()],
-                               atol=TOL[dtype], rtol=TOL[dtype])
+    torch.testing.assert_close(
+        patched.double().cpu()[valid.cpu()],
+        _reference(q, k, v, keep.expand(B, H, L, L))[valid.cpu()],
+        atol=TOL[dtype],
+        rtol=TOL[dtype],
+    )
     if grad:
         for t in (q, k, v):
             assert torch.isfinite(t.grad).all()

@@ -18,9 +18,17 @@ def tiny_model(kind: str = "llama", attn: str = "eager", seed: int = 0) -> torch
     to pad keys gets a non-zero output unless attnpatch zeroes it."""
     config_class, model_class = MODELS[kind]
     config = config_class(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-        bos_token_id=BOS, eos_token_id=EOS, pad_token_id=None, tie_word_embeddings=False,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        bos_token_id=BOS,
+        eos_token_id=EOS,
+        pad_token_id=None,
+        tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
     model = model_class._from_config(config, attn_implementation=attn).eval()
@@ -52,8 +60,12 @@ def save_tiny_tokenizer(directory: str, padding_side: str = "right", words: list
     backend = Tokenizer(models.WordLevel({word: i for i, word in enumerate(words)}, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-        unk_token="<unk>", padding_side=padding_side,
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        padding_side=padding_side,
     )
     tokenizer.save_pretrained(directory)
     return directory
@@ -62,9 +74,18 @@ def save_tiny_tokenizer(directory: str, padding_side: str = "right", words: list
 # Small settings every causal-LM config below accepts (unknown keys are kept as
 # plain attributes), plus what some architectures need on top.
 TINY = dict(
-    vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
-    bos_token_id=BOS, eos_token_id=EOS, pad_token_id=None, tie_word_embeddings=False,
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    max_position_embeddings=128,
+    bos_token_id=BOS,
+    eos_token_id=EOS,
+    pad_token_id=None,
+    tie_word_embeddings=False,
 )
 TINY_EXTRA = {
     "gpt_neox": dict(rotary_pct=1.0),

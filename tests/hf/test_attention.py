@@ -19,8 +19,10 @@ VALID, PADS = MASK.bool(), ~MASK.bool()
 def forward(model, **kwargs):
     """Logits and, per layer, the attention output of every position (o_proj's input)."""
     seen = []
-    hooks = [layer.self_attn.o_proj.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach()))
-             for layer in model.model.layers]
+    hooks = [
+        layer.self_attn.o_proj.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach()))
+        for layer in model.model.layers
+    ]
     try:
         out = model(input_ids=IDS, attention_mask=MASK, **kwargs)
     finally:

@@ -8,8 +8,9 @@ import sys
 
 def test_demo_shows_both_bugs_and_their_fix():
     env = {k: v for k, v in os.environ.items() if k != "ATTNPATCH"}
-    result = subprocess.run([sys.executable, "-m", "attnpatch.demo"], capture_output=True, text=True, env=env,
-                            timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "attnpatch.demo"], capture_output=True, text=True, env=env, timeout=300
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
 
@@ -26,6 +27,8 @@ def test_demo_shows_both_bugs_and_their_fix():
     assert with_ == ["same as alone"] * len(without) and len(with_) >= 2
 
     # The tokenizer target on its own.
-    assert ("the tokenizer target on its own: loaded while attnpatch is on, the tokenizer pads on the left; "
-            "batched with it, generate() unpatched decodes every row as alone") in out
+    assert (
+        "the tokenizer target on its own: loaded while attnpatch is on, the tokenizer pads on the left; "
+        "batched with it, generate() unpatched decodes every row as alone"
+    ) in out
     assert out.rstrip().endswith("ok: attnpatch removed every NaN, and every row decodes as it would alone")

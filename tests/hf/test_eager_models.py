@@ -18,8 +18,22 @@ from tests.torch_baseline import compiled_under_patch
 # are left out on purpose: their expert kernels batch tokens by route, so
 # changing pad rows legitimately moves valid rows by rounding.
 ARCHITECTURES = [
-    "mistral", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo", "olmo2", "granite",
-    "gpt_neox", "starcoder2", "cohere", "phi", "stablelm", "gpt2", "opt",
+    "mistral",
+    "qwen3",
+    "gemma",
+    "gemma2",
+    "gemma3_text",
+    "phi3",
+    "olmo",
+    "olmo2",
+    "granite",
+    "gpt_neox",
+    "starcoder2",
+    "cohere",
+    "phi",
+    "stablelm",
+    "gpt2",
+    "opt",
 ]
 PROMPTS = [[5, 6, 7, 8, 9, 10], [11, 12, 13], [14]]  # left-padded to width 6
 IDS, MASK = left_padded(PROMPTS)
@@ -44,8 +58,10 @@ def test_left_padded_eager_forward(kind):
     model = tiny_causal_lm(kind, "eager")
     module = sys.modules[type(model).__module__]
     if not hasattr(module, "eager_attention_forward"):
-        pytest.skip(f"{module.__name__} in transformers {transformers.__version__}: "
-                    "no eager_attention_forward (eager attention is inline)")
+        pytest.skip(
+            f"{module.__name__} in transformers {transformers.__version__}: "
+            "no eager_attention_forward (eager attention is inline)"
+        )
     plain = model(input_ids=IDS, attention_mask=MASK, output_attentions=True)
     with attnpatch.patched("hf_attention"):
         # A model file that has the function must have been found and patched:

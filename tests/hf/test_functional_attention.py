@@ -50,8 +50,10 @@ def _run(model, train=False):
     and, with ``train``, the loss and every parameter's gradient."""
     model.train(train)
     seen = []
-    hooks = [layer.self_attn.o_proj.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach()))
-             for layer in model.model.layers]
+    hooks = [
+        layer.self_attn.o_proj.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach()))
+        for layer in model.model.layers
+    ]
     try:
         with torch.set_grad_enabled(train):
             out = model(input_ids=IDS, attention_mask=MASK, labels=LABELS if train else None)

@@ -33,8 +33,13 @@ def test_seed_scenario(tokenizer_dir, kind):
     model = tiny_model(kind, "sdpa")
 
     def generate(batch):
-        return model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                              max_new_tokens=6, min_new_tokens=6, do_sample=False)
+        return model.generate(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            max_new_tokens=6,
+            min_new_tokens=6,
+            do_sample=False,
+        )
 
     with attnpatch.patched():
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)

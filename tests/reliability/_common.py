@@ -51,5 +51,3 @@ def same(a: torch.Tensor, b: torch.Tensor) -> bool:
         return False
     na, nb = torch.isnan(a), torch.isnan(b)
     return torch.equal(na, nb) and torch.equal(a.masked_fill(na, 0), b.masked_fill(nb, 0))
-
-

@@ -44,7 +44,17 @@ if __name__ == "__main__":
     (worker,) = list(loader)
     child = subprocess.run(
         [sys.executable, "-c", "import json, _env_probe; print(json.dumps(_env_probe.nan_in_mha()))"],
-        check=True, capture_output=True, text=True, cwd=sys.path[0],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=sys.path[0],
     )
-    print(json.dumps({"main": nan_in_mha(), "spawn_worker": json.loads(worker),
-                      "subprocess": json.loads(child.stdout.strip().splitlines()[-1])}))
+    print(
+        json.dumps(
+            {
+                "main": nan_in_mha(),
+                "spawn_worker": json.loads(worker),
+                "subprocess": json.loads(child.stdout.strip().splitlines()[-1]),
+            }
+        )
+    )

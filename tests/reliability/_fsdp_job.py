@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).parents[2]))
-from tests.hf.helpers import left_padded, tiny_model  # noqa: E402
+from tests.hf.helpers import left_padded, tiny_model
 
 WORLD = 2
 PROMPTS = [[[5, 6, 7, 8, 9, 10], [11, 12, 13]], [[14, 15], [16, 17, 18, 19, 20]]]  # per rank
@@ -40,8 +40,10 @@ def step(model: torch.nn.Module, rank: int) -> tuple[torch.Tensor, torch.Tensor]
     output (o_proj's input) at the pad positions."""
     ids, mask, labels = batch(rank)
     seen = []
-    hooks = [layer.self_attn.o_proj.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach()))
-             for layer in model.model.layers]
+    hooks = [
+        layer.self_attn.o_proj.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach()))
+        for layer in model.model.layers
+    ]
     try:
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
     finally:
@@ -60,6 +62,7 @@ def probe() -> dict:
 
 def worker(rank: int, out_dir: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
+
     try:
         from torch.distributed.fsdp import fully_shard
     except ImportError:  # before torch 2.6, FSDP2 lived here
@@ -76,8 +79,13 @@ def worker(rank: int, out_dir: str) -> None:
         loss, pad_outputs = step(model, rank)
         grads = {name: p.grad.full_tensor() for name, p in model.named_parameters()}
         torch.save(
-            {"loss": loss, "grads": grads, "pad_outputs": pad_outputs, "probe": probe(),
-             "sharded": type(next(model.parameters())).__name__},
+            {
+                "loss": loss,
+                "grads": grads,
+                "pad_outputs": pad_outputs,
+                "probe": probe(),
+                "sharded": type(next(model.parameters())).__name__,
+            },
             os.path.join(out_dir, f"rank{rank}.pt"),
         )
     finally:

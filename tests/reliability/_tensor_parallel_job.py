@@ -36,7 +36,7 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, 
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).parents[2]))
-from tests.core.helpers import left_padded_keep_mask, naive_sdpa, to_float_mask  # noqa: E402
+from tests.core.helpers import left_padded_keep_mask, naive_sdpa, to_float_mask
 
 WORLD, B, H, L, D = 2, 2, 4, 5, 8
 LENGTHS = [3, 5]
@@ -69,7 +69,9 @@ class AttentionBlock(torch.nn.Module):
         def heads(t):
             return t.view(B, L, H, D).transpose(1, 2)
 
-        self.heads = F.scaled_dot_product_attention(heads(self.q(x)), heads(self.k(x)), heads(self.v(x)), attn_mask=mask)
+        self.heads = F.scaled_dot_product_attention(
+            heads(self.q(x)), heads(self.k(x)), heads(self.v(x)), attn_mask=mask
+        )
         return self.o(self.heads.transpose(1, 2).reshape(B, L, H * D))
 
 
@@ -79,8 +81,11 @@ def block(module, mask) -> dict:
     heads = module.heads
     if isinstance(heads, DTensor):
         # The row-wise projection returns its all-reduced output as an AsyncCollectiveTensor.
-        return {"out": out.wait() if hasattr(out, "wait") else out, "heads": heads.full_tensor(),
-                "placements": [str(p) for p in heads.placements]}
+        return {
+            "out": out.wait() if hasattr(out, "wait") else out,
+            "heads": heads.full_tensor(),
+            "placements": [str(p) for p in heads.placements],
+        }
     return {"out": out, "heads": heads}
 
 

@@ -58,8 +58,11 @@ def _nan_mask(shape):
 
 def _qkv(batch=B, lq=L, lk=L):
     gen = torch.Generator().manual_seed(0)
-    return (torch.randn(batch, H, lq, D, generator=gen), torch.randn(batch, H, lk, D, generator=gen),
-            torch.randn(batch, H, lk, D, generator=gen))
+    return (
+        torch.randn(batch, H, lq, D, generator=gen),
+        torch.randn(batch, H, lk, D, generator=gen),
+        torch.randn(batch, H, lk, D, generator=gen),
+    )
 
 
 SDPA_CASES = {
@@ -67,7 +70,9 @@ SDPA_CASES = {
     "mask-wrong-last-dim": lambda: dict(attn_mask=torch.ones(B, 1, L, L + 1, dtype=torch.bool)),
     "mask-int-dtype": lambda: dict(attn_mask=torch.ones(L, L, dtype=torch.long)),
     "mask-float64": lambda: dict(attn_mask=torch.zeros(L, L, dtype=torch.float64).fill_diagonal_(NEG)),
-    "mask-fp16-all-inf-row": lambda: dict(attn_mask=torch.zeros(L, L, dtype=torch.float16).index_fill_(0, torch.tensor([0]), NEG)),
+    "mask-fp16-all-inf-row": lambda: dict(
+        attn_mask=torch.zeros(L, L, dtype=torch.float16).index_fill_(0, torch.tensor([0]), NEG)
+    ),
     "mask-nan": lambda: dict(attn_mask=_nan_mask((L, L))),
     "mask-list": lambda: dict(attn_mask=[[True] * L] * L),
     "mask-float-scalar": lambda: dict(attn_mask=0.5),
@@ -76,8 +81,12 @@ SDPA_CASES = {
     "zero-length-query": lambda: dict(qkv=_qkv(lq=0), attn_mask=torch.zeros(0, L, dtype=torch.bool)),
     "zero-length-keys": lambda: dict(qkv=_qkv(lk=0), attn_mask=torch.zeros(L, 0, dtype=torch.bool)),
     "zero-length-keys-float": lambda: dict(qkv=_qkv(lk=0), attn_mask=torch.zeros(L, 0)),
-    "q-k-dtype-mismatch": lambda: dict(qkv=(_qkv()[0].double(), *_qkv()[1:]), attn_mask=torch.zeros(L, L, dtype=torch.bool)),
-    "q-meta-mask-cpu": lambda: dict(qkv=tuple(t.to("meta") for t in _qkv()), attn_mask=torch.zeros(L, L, dtype=torch.bool)),
+    "q-k-dtype-mismatch": lambda: dict(
+        qkv=(_qkv()[0].double(), *_qkv()[1:]), attn_mask=torch.zeros(L, L, dtype=torch.bool)
+    ),
+    "q-meta-mask-cpu": lambda: dict(
+        qkv=tuple(t.to("meta") for t in _qkv()), attn_mask=torch.zeros(L, L, dtype=torch.bool)
+    ),
 }
 
 
@@ -108,9 +117,13 @@ MHA_CASES = {
     "attn-mask-float64": lambda: dict(attn_mask=torch.zeros(L, L, dtype=torch.float64).fill_diagonal_(NEG)),
     # (meta inputs with CPU masks: PyTorch returns CPU weights of uninitialised
     # memory there, different from run to run, so nothing can be compared)
-    "inputs-and-masks-meta": lambda: dict(device="meta", attn_mask=_causal().to("meta"), key_padding_mask=_kpm().to("meta")),
+    "inputs-and-masks-meta": lambda: dict(
+        device="meta", attn_mask=_causal().to("meta"), key_padding_mask=_kpm().to("meta")
+    ),
     "attn-mask-nan": lambda: dict(attn_mask=_nan_mask((L, L)), key_padding_mask=_kpm()),
-    "kpm-float-nan-inf": lambda: dict(key_padding_mask=torch.tensor([[NEG, 0.0, NEG, 0.0], [0.0, float("nan"), 0.0, 0.0]])),
+    "kpm-float-nan-inf": lambda: dict(
+        key_padding_mask=torch.tensor([[NEG, 0.0, NEG, 0.0], [0.0, float("nan"), 0.0, 0.0]])
+    ),
     "kpm-list": lambda: dict(key_padding_mask=[[True] * L] * B),
     "attn-mask-list": lambda: dict(attn_mask=[[True] * L] * L),
     "is-causal-without-mask": lambda: dict(is_causal=True),

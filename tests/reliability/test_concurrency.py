@@ -182,9 +182,7 @@ def test_ten_thousand_cycles_leak_nothing():
         tracemalloc.stop()
     objects_after = len(gc.get_objects())
     filters = [tracemalloc.Filter(False, tracemalloc.__file__)]
-    grown = sum(
-        d.size_diff for d in after.filter_traces(filters).compare_to(before.filter_traces(filters), "filename")
-    )
+    grown = sum(d.size_diff for d in after.filter_traces(filters).compare_to(before.filter_traces(filters), "filename"))
     # A leak of one small object per cycle would be >= 10,000 objects / >= 300 KB.
     # The margin below that absorbs one-off objects (lazy caches of whatever ran
     # earlier in the same process), which are not per-cycle growth.

@@ -28,7 +28,11 @@ def _env(activate: bool) -> dict:
 def _run(script: str, *args: str, activate: bool) -> str:
     proc = subprocess.run(
         [sys.executable, str(HERE / script), *args],
-        env=_env(activate), cwd=HERE, capture_output=True, text=True, timeout=300,
+        env=_env(activate),
+        cwd=HERE,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc.stdout

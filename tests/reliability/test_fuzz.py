@@ -34,10 +34,18 @@ def reference(mha: nn.MultiheadAttention, q, k, v, attn_mask, kpm, average):
     S = k.shape[0]
     mask = torch.zeros(B, H, L, S, dtype=torch.float64)
     if attn_mask is not None:
-        am = attn_mask.double() if attn_mask.is_floating_point() else torch.zeros(attn_mask.shape, dtype=torch.float64).masked_fill(attn_mask, NEG)
+        am = (
+            attn_mask.double()
+            if attn_mask.is_floating_point()
+            else torch.zeros(attn_mask.shape, dtype=torch.float64).masked_fill(attn_mask, NEG)
+        )
         mask = mask + (am.view(B, H, L, S) if am.dim() == 3 else am)
     if kpm is not None:
-        km = kpm.double() if kpm.is_floating_point() else torch.zeros(kpm.shape, dtype=torch.float64).masked_fill(kpm, NEG)
+        km = (
+            kpm.double()
+            if kpm.is_floating_point()
+            else torch.zeros(kpm.shape, dtype=torch.float64).masked_fill(kpm, NEG)
+        )
         mask = mask + km.view(B, 1, 1, S)
     if mha.bias_k is not None:
         k = torch.cat([k, d(mha.bias_k).expand(1, B, E)])
@@ -67,12 +75,24 @@ def cases(draw):
     kdim = draw(st.sampled_from([None, 3])) if cross else None
     vdim = draw(st.sampled_from([None, 5])) if cross else None
     c = dict(
-        heads=heads, embed=embed, batch=batch, L=L, S=S, cross=cross, kdim=kdim, vdim=vdim,
+        heads=heads,
+        embed=embed,
+        batch=batch,
+        L=L,
+        S=S,
+        cross=cross,
+        kdim=kdim,
+        vdim=vdim,
         dtype=draw(st.sampled_from([torch.float32, torch.float64])),
-        batch_first=draw(st.booleans()), unbatched=draw(st.booleans()) and batch == 1,
-        bias=draw(st.booleans()), add_bias_kv=draw(st.booleans()), add_zero_attn=draw(st.booleans()),
-        train=draw(st.booleans()), grad=draw(st.sampled_from(["grad", "no_grad", "inference_mode"])),
-        need_weights=draw(st.booleans()), average=draw(st.booleans()),
+        batch_first=draw(st.booleans()),
+        unbatched=draw(st.booleans()) and batch == 1,
+        bias=draw(st.booleans()),
+        add_bias_kv=draw(st.booleans()),
+        add_zero_attn=draw(st.booleans()),
+        train=draw(st.booleans()),
+        grad=draw(st.sampled_from(["grad", "no_grad", "inference_mode"])),
+        need_weights=draw(st.booleans()),
+        average=draw(st.booleans()),
         attn=draw(st.sampled_from(["none", "bool", "float", "causal", "per_head_bool", "per_head_float"])),
         kpm=draw(st.sampled_from(["none", "bool", "float"])),
         seed=draw(st.integers(0, 2**16)),
@@ -133,8 +153,15 @@ def test_mha_contract(c):
     gen = torch.Generator().manual_seed(c["seed"])
     torch.manual_seed(c["seed"])
     mha = nn.MultiheadAttention(
-        c["embed"], c["heads"], bias=c["bias"], add_bias_kv=c["add_bias_kv"], add_zero_attn=c["add_zero_attn"],
-        kdim=c["kdim"], vdim=c["vdim"], batch_first=c["batch_first"], dtype=c["dtype"],
+        c["embed"],
+        c["heads"],
+        bias=c["bias"],
+        add_bias_kv=c["add_bias_kv"],
+        add_zero_attn=c["add_zero_attn"],
+        kdim=c["kdim"],
+        vdim=c["vdim"],
+        batch_first=c["batch_first"],
+        dtype=c["dtype"],
     ).train(c["train"])
     B, L, S, E = c["batch"], c["L"], c["S"], c["embed"]
     q = torch.randn(L, B, E, generator=gen, dtype=c["dtype"])
@@ -147,8 +174,13 @@ def test_mha_contract(c):
         inputs = [t.detach().clone().requires_grad_() for t in inputs]
         if not c["cross"]:
             inputs = [inputs[0]] * 3
-    kwargs = dict(key_padding_mask=kpm, attn_mask=attn, need_weights=c["need_weights"],
-                  average_attn_weights=c["average"], is_causal=c["is_causal"])
+    kwargs = dict(
+        key_padding_mask=kpm,
+        attn_mask=attn,
+        need_weights=c["need_weights"],
+        average_attn_weights=c["average"],
+        is_causal=c["is_causal"],
+    )
     ctx = {"grad": torch.enable_grad, "no_grad": torch.no_grad, "inference_mode": torch.inference_mode}[c["grad"]]
 
     def run():
@@ -157,7 +189,7 @@ def test_mha_contract(c):
 
     try:
         bug_out, bug_w = run()
-    except Exception as exc:  # noqa: BLE001 - an invalid combination: the patch must raise the same
+    except Exception as exc:
         with attnpatch.patched():
             try:
                 run()
@@ -165,7 +197,7 @@ def test_mha_contract(c):
                 assert (type(exc2), str(exc2)) == (type(exc), str(exc))
                 event("rejected by PyTorch (same error under the patch)")
                 return
-        raise AssertionError(f"patched call succeeded where unpatched raised {exc!r}")
+        raise AssertionError(f"patched call succeeded where unpatched raised {exc!r}") from exc
     with attnpatch.patched():
         out, w = run()
 
@@ -199,7 +231,7 @@ def test_mha_contract(c):
             assert torch.equal(zeros, torch.zeros_like(zeros))
         bw = bug_w.detach() if not c["unbatched"] else bug_w.detach().unsqueeze(0)
         if c["average"]:
-            keep = (valid.T & torch.isfinite(bw).all(-1))
+            keep = valid.T & torch.isfinite(bw).all(-1)
             assert torch.equal(wc[keep], bw[keep])
     if grad:
         loss = out.double().sum()

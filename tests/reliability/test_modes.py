@@ -18,7 +18,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import attnpatch
-
 from tests.torch_baseline import compiled_under_patch
 
 from ..core.helpers import naive_sdpa
@@ -124,8 +123,13 @@ def test_compile_tiny_hf_model(graph_breaks):
     if not _hf_targets_ready():
         pytest.skip("attnpatch.targets.hf_attention is still a placeholder")
     cfg = transformers.LlamaConfig(
-        vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16,
+        vocab_size=32,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=16,
     )
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(cfg).eval()
@@ -241,9 +245,23 @@ class MyAttention(nn.MultiheadAttention):
     def forward(self, x: torch.Tensor, kpm: torch.Tensor, mask: torch.Tensor):  # type: ignore[override]
         q = x.transpose(0, 1)
         out, w = F.multi_head_attention_forward(
-            q, q, q, self.embed_dim, self.num_heads, self.in_proj_weight, self.in_proj_bias,
-            None, None, False, 0.0, self.out_proj.weight, self.out_proj.bias,
-            training=self.training, key_padding_mask=kpm, need_weights=True, attn_mask=mask,
+            q,
+            q,
+            q,
+            self.embed_dim,
+            self.num_heads,
+            self.in_proj_weight,
+            self.in_proj_bias,
+            None,
+            None,
+            False,
+            0.0,
+            self.out_proj.weight,
+            self.out_proj.bias,
+            training=self.training,
+            key_padding_mask=kpm,
+            need_weights=True,
+            attn_mask=mask,
         )
         return out.transpose(0, 1) * 2.0, w
 
@@ -276,12 +294,15 @@ def test_torchscript_runs_unchanged(name, train):
             scripted_during = torch.jit.script(module)
             results = [call(scripted_before, x), call(scripted_during, x)]
             eager_patched = call(module, x)
-    flatten = (lambda r: list(r) if isinstance(r, tuple) else [r])
+
+    def flatten(r):
+        return list(r) if isinstance(r, tuple) else [r]
+
     for result in results:
         for a, b in zip(flatten(result), flatten(reference)):
             assert same(a.detach(), b.detach())
     # ...while the same module run eagerly is patched (the patch was live).
-    for a, b in zip(flatten(eager_patched), flatten(eager_bug)):
+    for a, _ in zip(flatten(eager_patched), flatten(eager_bug)):
         assert torch.isfinite(a).all()
     for a, b in zip(flatten(eager_bug), flatten(reference)):
         assert same(a.detach(), b.detach())

@@ -133,7 +133,12 @@ def second_attnpatch(tmp_path, monkeypatch):
     source = importlib.util.find_spec("attnpatch").submodule_search_locations[0]
     shutil.copytree(source, tmp_path / "attnpatch_copy")
     for path in (tmp_path / "attnpatch_copy").rglob("*.py"):
-        path.write_text(path.read_text().replace("attnpatch.", "attnpatch_copy.").replace("from attnpatch import", "from attnpatch_copy import").replace("import attnpatch\n", "import attnpatch_copy\n"))
+        path.write_text(
+            path.read_text()
+            .replace("attnpatch.", "attnpatch_copy.")
+            .replace("from attnpatch import", "from attnpatch_copy import")
+            .replace("import attnpatch\n", "import attnpatch_copy\n")
+        )
     monkeypatch.syspath_prepend(str(tmp_path))
     copy = importlib.import_module("attnpatch_copy")
     assert copy is not attnpatch and copy._patching is not attnpatch._patching
@@ -161,8 +166,17 @@ def test_imported_twice_under_different_names(second_attnpatch, order):
         import transformers.models.olmo
 
         name = "transformers.models.olmo.modeling_olmo"
-        spec = next(filter(None, (f.find_spec(name, transformers.models.olmo.__path__)
-                                  for f in sys.meta_path if hasattr(f, "find_spec"))), None)
+        spec = next(
+            filter(
+                None,
+                (
+                    f.find_spec(name, transformers.models.olmo.__path__)
+                    for f in sys.meta_path
+                    if hasattr(f, "find_spec")
+                ),
+            ),
+            None,
+        )
         assert spec is not None and spec.name == name
     first.remove()  # the other's patch stays on top: ours is displaced, theirs works
     assert torch.isfinite(_mha_call(fast=True)).all()

@@ -27,7 +27,11 @@ def _job(script: str, out: Path, activate: bool) -> subprocess.CompletedProcess:
     env["OMP_NUM_THREADS"] = "1"
     return subprocess.run(
         [sys.executable, str(HERE / script), str(out)],
-        env=env, cwd=HERE, capture_output=True, text=True, timeout=600,
+        env=env,
+        cwd=HERE,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
 
 
@@ -126,8 +130,10 @@ def test_fsdp2_training_step_of_a_left_padded_llama(fsdp_steps, activated):
     # their mean, but torch 2.7 and 2.8 over gloo sum them.
     torch_reduction = _reduction(*fsdp_steps[False])
     if torch_reduction is None:
-        pytest.skip(f"torch {torch.__version__}'s FSDP2 gradients are neither the mean nor the sum of the "
-                    "one-process step's without attnpatch either")
+        pytest.skip(
+            f"torch {torch.__version__}'s FSDP2 gradients are neither the mean nor the sum of the "
+            "one-process step's without attnpatch either"
+        )
     expected_grads = single["reductions"][torch_reduction]
     assert single["probe"]["hf_attention"] == ("installed" if activated else "off")
     for rank, result in enumerate(ranks):

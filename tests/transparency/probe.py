@@ -150,8 +150,11 @@ def call_encoder_fast_path():
 
 
 TORCH_CALLS = {
-    "sdpa_bool": call_sdpa_bool, "sdpa_float": call_sdpa_float, "mha_training": call_mha_training,
-    "mha_fast_path": call_mha_fast_path, "encoder_fast_path": call_encoder_fast_path,
+    "sdpa_bool": call_sdpa_bool,
+    "sdpa_float": call_sdpa_float,
+    "mha_training": call_mha_training,
+    "mha_fast_path": call_mha_fast_path,
+    "encoder_fast_path": call_encoder_fast_path,
 }
 
 
@@ -192,7 +195,8 @@ def calls_under_another_default_dtype_and_device():
     x, mha, layer = inputs(), mha_module(), encoder_layer().eval()
     float_mask = torch.zeros(KEEP.shape).masked_fill(~KEEP, float("-inf"))
     calls = {
-        "sdpa_bool": lambda: sdpa(x), "sdpa_float": lambda: sdpa(x, float_mask),
+        "sdpa_bool": lambda: sdpa(x),
+        "sdpa_float": lambda: sdpa(x, float_mask),
         "mha_weights": lambda: mha(x, x, x, key_padding_mask=PAD, attn_mask=CAUSAL)[0],
         "mha_fast_path": lambda: mha.eval()(x, x, x, key_padding_mask=PAD, attn_mask=CAUSAL)[0],
         "encoder_fast_path": lambda: layer(x, src_mask=CAUSAL, src_key_padding_mask=PAD),
@@ -222,8 +226,12 @@ def first_masked_call_under_watchers():
     with torch.no_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(1) or t, lambda t: t):
         with torch.profiler.profile() as profile:
             out = F.scaled_dot_product_attention(q, q, q, attn_mask=KEEP)
-    return {"ops": sorted({event.name for event in profile.events()}), "packed": len(packed),
-            "valid": digest(out.transpose(1, 2)[VALID]), "fix_masked": digest(out.transpose(1, 2)[MASKED])}
+    return {
+        "ops": sorted({event.name for event in profile.events()}),
+        "packed": len(packed),
+        "valid": digest(out.transpose(1, 2)[VALID]),
+        "fix_masked": digest(out.transpose(1, 2)[MASKED]),
+    }
 
 
 @case("state")
@@ -233,7 +241,9 @@ def saved_tensors_of_calls_without_masked_rows():
     for name in ("sdpa", "mha"):
         packed = []
         x = inputs().requires_grad_()
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(tuple(t.shape)) or t, lambda t: t):
+        with torch.autograd.graph.saved_tensors_hooks(
+            lambda t, packed=packed: packed.append(tuple(t.shape)) or t, lambda t: t
+        ):
             if name == "sdpa":
                 out = sdpa(x, ~CAUSAL)
             else:
@@ -262,8 +272,7 @@ def patched_objects():
         "torch._native_multi_head_attention": torch._native_multi_head_attention,
         "torch._transformer_encoder_layer_fwd": torch._transformer_encoder_layer_fwd,
         "checkpoint.CheckpointFunction": torch.utils.checkpoint.CheckpointFunction,
-        "checkpoint._checkpoint_without_reentrant_generator":
-            torch.utils.checkpoint._checkpoint_without_reentrant_generator,
+        "checkpoint._checkpoint_without_reentrant_generator": torch.utils.checkpoint._checkpoint_without_reentrant_generator,
     }
 
 
@@ -276,8 +285,18 @@ def introspection():
         except (TypeError, ValueError) as exc:
             signature = error(exc)
         seen[name] = {
-            "predicates": [p.__name__ for p in (inspect.isbuiltin, inspect.isfunction, inspect.isroutine,
-                                                inspect.ismethod, inspect.isclass, callable) if p(obj)],
+            "predicates": [
+                p.__name__
+                for p in (
+                    inspect.isbuiltin,
+                    inspect.isfunction,
+                    inspect.isroutine,
+                    inspect.ismethod,
+                    inspect.isclass,
+                    callable,
+                )
+                if p(obj)
+            ],
             "signature": signature,
             "names": [getattr(obj, a, None) for a in ("__name__", "__qualname__", "__module__")],
             "doc": hashlib.sha1((obj.__doc__ or "").encode()).hexdigest()[:12],
@@ -400,8 +419,7 @@ def composable_checkpoint_recomputes_as_the_forward_ran():
             checkpoint_module(layer)
         out, grad = _grads(layer, inputs())
         grads.append(grad)
-    return {"same_as_without_checkpoint": _same(grads[0], grads[1]),
-            "fix_grad_finite": bool(grads[1].isfinite().all())}
+    return {"same_as_without_checkpoint": _same(grads[0], grads[1]), "fix_grad_finite": bool(grads[1].isfinite().all())}
 
 
 @case("autograd")
@@ -415,8 +433,11 @@ def forward_mode_ad_and_double_backward():
         with forward_ad.dual_level():
             out = mha(*(forward_ad.make_dual(x, tangent),) * 3, key_padding_mask=PAD, attn_mask=CAUSAL)[0]
             seen["forward_ad_valid"] = digest(forward_ad.unpack_dual(out).tangent[VALID])
-        seen["jvp_valid"] = digest(torch.func.jvp(
-            lambda x: mha(x, x, x, key_padding_mask=PAD, attn_mask=CAUSAL)[0], (x,), (tangent,))[1][VALID])
+        seen["jvp_valid"] = digest(
+            torch.func.jvp(lambda x: mha(x, x, x, key_padding_mask=PAD, attn_mask=CAUSAL)[0], (x,), (tangent,))[1][
+                VALID
+            ]
+        )
         x2 = x.clone().requires_grad_()
         out = mha(x2, x2, x2, attn_mask=CAUSAL)[0]  # no fully masked row: double backward is finite
         (grad,) = torch.autograd.grad(out.sum(), x2, create_graph=True)
@@ -482,8 +503,10 @@ def jit_script_fx_and_compile():
     try:
         model = HoldsAttention()
         graph = torch.fx.symbolic_trace(model)
-        seen["fx"] = {"targets": sorted(str(n.target) for n in graph.graph.nodes if n.op == "call_function"),
-                      "runs": _same(graph(x)[:, :, 2:], model(x)[:, :, 2:])}
+        seen["fx"] = {
+            "targets": sorted(str(n.target) for n in graph.graph.nodes if n.op == "call_function"),
+            "runs": _same(graph(x)[:, :, 2:], model(x)[:, :, 2:]),
+        }
     except Exception as exc:  # noqa: BLE001
         seen["fx"] = error(exc)
     try:
@@ -511,8 +534,10 @@ def torchscript_onnx_export():
             session = onnxruntime.InferenceSession(buffer.getvalue())
             (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
             out, eager = torch.from_numpy(out), module(x).detach()
-            seen[name] = {"valid_close": bool(torch.allclose(out[VALID], eager[VALID], atol=1e-5)),
-                          "fix_masked_rows": digest(out[MASKED])}
+            seen[name] = {
+                "valid_close": bool(torch.allclose(out[VALID], eager[VALID], atol=1e-5)),
+                "fix_masked_rows": digest(out[MASKED]),
+            }
         except Exception as exc:  # noqa: BLE001
             seen[name] = error(exc)
     return seen
@@ -525,8 +550,16 @@ def tiny_llama(attn: str):
     import transformers
 
     config = transformers.LlamaConfig(
-        vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, max_position_embeddings=32, pad_token_id=0, eos_token_id=2, bos_token_id=1,
+        vocab_size=32,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=32,
+        pad_token_id=0,
+        eos_token_id=2,
+        bos_token_id=1,
     )
     torch.manual_seed(0)
     return transformers.LlamaForCausalLM._from_config(config, attn_implementation=attn)
@@ -568,8 +601,10 @@ def gradient_checkpointing_training_step():
                 loss = model(input_ids=IDS, attention_mask=ATTENTION, labels=IDS.masked_fill(ATTENTION == 0, -100)).loss
             loss.backward()
             grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
-        seen[attn] = {"same_with_checkpointing": _same(grads[0], grads[1]),
-                      "fix_finite": bool(grads[1].isfinite().all())}
+        seen[attn] = {
+            "same_with_checkpointing": _same(grads[0], grads[1]),
+            "fix_finite": bool(grads[1].isfinite().all()),
+        }
     return seen
 
 
@@ -583,7 +618,8 @@ def pickling_transformers_objects():
 
     seen = {}
     for name, obj in {
-        "sdpa_entry": ALL_ATTENTION_FUNCTIONS["sdpa"], "eager_llama": modeling_llama.eager_attention_forward,
+        "sdpa_entry": ALL_ATTENTION_FUNCTIONS["sdpa"],
+        "eager_llama": modeling_llama.eager_attention_forward,
         "generate": transformers.LlamaForCausalLM.generate,
         "from_pretrained": transformers.PreTrainedTokenizerFast.from_pretrained,
     }.items():
@@ -599,8 +635,7 @@ def generate_state():
     model = tiny_llama("sdpa").eval()
     torch.manual_seed(1)
     out = model.generate(IDS[1:], attention_mask=ATTENTION[1:], max_new_tokens=3, do_sample=True)
-    return {"rng_after": digest(torch.rand(4)), "tokens": out.tolist(),
-            "grad_enabled": torch.is_grad_enabled()}
+    return {"rng_after": digest(torch.rand(4)), "tokens": out.tolist(), "grad_enabled": torch.is_grad_enabled()}
 
 
 if __name__ == "__main__":

@@ -33,7 +33,11 @@ def run_probe(group: str, mode: str) -> dict:
     if mode == "env":
         env["ATTNPATCH"] = "1"
     result = subprocess.run(
-        [sys.executable, str(PROBE), group, mode], capture_output=True, text=True, env=env, timeout=600,
+        [sys.executable, str(PROBE), group, mode],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
         cwd=PROBE.parent,
     )
     assert result.returncode == 0, f"probe {group} ({mode}) died, exit {result.returncode}:\n{result.stderr[-3000:]}"

@@ -44,11 +44,22 @@ def run_pytest(test_dir: Path, *, patched: bool, device: str, junit: Path, extra
         ini = Path(tmp) / "pytest.ini"  # neither this repository's settings nor the checkout's
         ini.write_text("[pytest]\n")
         command = [
-            sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-c", str(ini),
-            "--rootdir", str(test_dir), f"--junitxml={junit}", "-o", "junit_family=xunit1",
+            sys.executable,
+            "-m",
+            "pytest",
+            "-p",
+            "no:cacheprovider",
+            "-c",
+            str(ini),
+            "--rootdir",
+            str(test_dir),
+            f"--junitxml={junit}",
+            "-o",
+            "junit_family=xunit1",
             *(["--attnpatch"] if patched else []),
             *(f"--deselect={entry}" for entry in suite.OUT_OF_SCOPE),
-            *extra, *suite.FILES,
+            *extra,
+            *suite.FILES,
         ]
         print(("patched" if patched else "baseline") + ": " + " ".join(command[1:]), flush=True)
         start, cpu_start = time.perf_counter(), children_cpu_seconds()
@@ -56,8 +67,10 @@ def run_pytest(test_dir: Path, *, patched: bool, device: str, junit: Path, extra
         seconds, cpu = time.perf_counter() - start, children_cpu_seconds() - cpu_start
     header = "attnpatch: active for this session" in done.stdout
     if header != patched or not junit.exists():
-        sys.exit(f"pytest did not run as asked (patched={patched}, plugin active={header}):\n"
-                 f"{done.stdout[-3000:]}{done.stderr[-3000:]}")
+        sys.exit(
+            f"pytest did not run as asked (patched={patched}, plugin active={header}):\n"
+            f"{done.stdout[-3000:]}{done.stderr[-3000:]}"
+        )
     print(done.stdout.strip().splitlines()[-1], flush=True)
     return seconds, cpu
 
@@ -80,18 +93,44 @@ def default_src() -> Path:
 def fetch(dest: Path) -> None:
     """A sparse, blob-less clone of the release tag of the installed torch."""
     tag = release_tag()
-    subprocess.run(["git", "clone", "--depth", "1", "--branch", tag, "--filter=blob:none", "--no-checkout",
-                    PYTORCH_REPO, str(dest)], check=True)
-    subprocess.run(["git", "-C", str(dest), "sparse-checkout", "set", "--no-cone",
-                    *(f"/test/{path}" for path in (*suite.FILES, *suite.HELPERS))], check=True)
+    subprocess.run(
+        [
+            "git",
+            "clone",
+            "--depth",
+            "1",
+            "--branch",
+            tag,
+            "--filter=blob:none",
+            "--no-checkout",
+            PYTORCH_REPO,
+            str(dest),
+        ],
+        check=True,
+    )
+    subprocess.run(
+        [
+            "git",
+            "-C",
+            str(dest),
+            "sparse-checkout",
+            "set",
+            "--no-cone",
+            *(f"/test/{path}" for path in (*suite.FILES, *suite.HELPERS)),
+        ],
+        check=True,
+    )
     subprocess.run(["git", "-C", str(dest), "checkout"], check=True)
 
 
 def source_description(src: Path, label: str | None) -> dict:
     head = subprocess.run(["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True, text=True)
     files = {path: hashlib.sha256((src / "test" / path).read_bytes()).hexdigest() for path in suite.FILES}
-    return {"label": label or str(src), "git_head": head.stdout.strip() if head.returncode == 0 else None,
-            "sha256": files}
+    return {
+        "label": label or str(src),
+        "git_head": head.stdout.strip() if head.returncode == 0 else None,
+        "sha256": files,
+    }
 
 
 def counts(results: dict[str, Result]) -> dict[str, int]:
@@ -106,9 +145,14 @@ def versions() -> dict:
 
     import attnpatch
 
-    return {"torch": torch.__version__, "torch_git": torch.version.git_version,
-            "attnpatch": attnpatch.__version__, "python": platform.python_version(),
-            "cores": os.cpu_count(), "machine": platform.machine()}
+    return {
+        "torch": torch.__version__,
+        "torch_git": torch.version.git_version,
+        "attnpatch": attnpatch.__version__,
+        "python": platform.python_version(),
+        "cores": os.cpu_count(),
+        "machine": platform.machine(),
+    }
 
 
 def seconds(value: float | None) -> str:
@@ -124,30 +168,57 @@ def pair_row(test_id: str, pair: tuple[Result, Result]) -> str:
 def write_report(out: Path, device: str, meta: dict, base: dict, patched: dict, cmp: Comparison) -> None:
     out.mkdir(parents=True, exist_ok=True)
     groups = ("regressions", "nan_expected", "fixed", "fail_both")
-    data = {"meta": meta, "baseline": counts(base), "patched": counts(patched),
-            "stale_nan_entries": cmp.stale_nan_entries, "unmatched_nan_entries": cmp.unmatched_nan_entries,
-            **{name: {test_id: [asdict(r) for r in pair] for test_id, pair in getattr(cmp, name).items()}
-               for name in groups}}
+    data = {
+        "meta": meta,
+        "baseline": counts(base),
+        "patched": counts(patched),
+        "stale_nan_entries": cmp.stale_nan_entries,
+        "unmatched_nan_entries": cmp.unmatched_nan_entries,
+        **{
+            name: {test_id: [asdict(r) for r in pair] for test_id, pair in getattr(cmp, name).items()}
+            for name in groups
+        },
+    }
     (out / f"upstream-{device}.json").write_text(json.dumps(data, indent=1) + "\n")
 
     lines = [
-        f"# PyTorch's own attention tests with attnpatch: {device}", "",
-        f"torch {meta['torch']} ({meta['torch_git']}), attnpatch {meta['attnpatch']}, Python {meta['python']}, "
-        f"{meta['cores']} cores, {meta['date']}. Produced by `python -m tests.upstream` (`make upstream`).", "",
-        f"Test files: {meta['source']['label']}.", "",
-        "| file | sha256 |", "|---|---|",
-        *(f"| test/{path} | `{digest}` |" for path, digest in meta["source"]["sha256"].items()), "",
-        "| run | passed | failed | error | skipped | wall s | CPU s |", "|---|---:|---:|---:|---:|---:|---:|",
-        *(f"| {name} | " + " | ".join(str(c[k]) for k in ("passed", "failed", "error", "skipped"))
-          + f" | {meta['seconds'][name]:.0f} | {seconds(meta.get('cpu_seconds', {}).get(name))} |"
-          for name, c in (("baseline", counts(base)), ("patched", counts(patched)))),
+        f"# PyTorch's own attention tests with attnpatch: {device}",
         "",
-        *([f"Load average at the start: {', '.join(f'{x:.1f}' for x in meta['load_average'])} "
-           "(on a shared machine CPU seconds are the steadier figure).", ""] if "load_average" in meta else []),
-        "Left out of both runs (suite.OUT_OF_SCOPE):", "",
-        *(f"- `{entry}`: {why}" for entry, why in suite.OUT_OF_SCOPE.items()), "",
-        "Expected to differ (suite.NAN_ASSERTING):", "",
-        *(f"- `{entry}`: {why}" for entry, why in suite.NAN_ASSERTING.items()), "",
+        f"torch {meta['torch']} ({meta['torch_git']}), attnpatch {meta['attnpatch']}, Python {meta['python']}, "
+        f"{meta['cores']} cores, {meta['date']}. Produced by `python -m tests.upstream` (`make upstream`).",
+        "",
+        f"Test files: {meta['source']['label']}.",
+        "",
+        "| file | sha256 |",
+        "|---|---|",
+        *(f"| test/{path} | `{digest}` |" for path, digest in meta["source"]["sha256"].items()),
+        "",
+        "| run | passed | failed | error | skipped | wall s | CPU s |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+        *(
+            f"| {name} | "
+            + " | ".join(str(c[k]) for k in ("passed", "failed", "error", "skipped"))
+            + f" | {meta['seconds'][name]:.0f} | {seconds(meta.get('cpu_seconds', {}).get(name))} |"
+            for name, c in (("baseline", counts(base)), ("patched", counts(patched)))
+        ),
+        "",
+        *(
+            [
+                f"Load average at the start: {', '.join(f'{x:.1f}' for x in meta['load_average'])} "
+                "(on a shared machine CPU seconds are the steadier figure).",
+                "",
+            ]
+            if "load_average" in meta
+            else []
+        ),
+        "Left out of both runs (suite.OUT_OF_SCOPE):",
+        "",
+        *(f"- `{entry}`: {why}" for entry, why in suite.OUT_OF_SCOPE.items()),
+        "",
+        "Expected to differ (suite.NAN_ASSERTING):",
+        "",
+        *(f"- `{entry}`: {why}" for entry, why in suite.NAN_ASSERTING.items()),
+        "",
     ]
     titles = {
         "regressions": "Pass without attnpatch, not with it (must be empty)",
@@ -159,20 +230,35 @@ def write_report(out: Path, device: str, meta: dict, base: dict, patched: dict, 
         rows = getattr(cmp, name)
         lines += [f"## {titles[name]}: {len(rows)}", ""]
         if rows:
-            lines += ["| test | without | with | message (start) |", "|---|---|---|---|",
-                      *(pair_row(test_id, pair) for test_id, pair in rows.items()), ""]
+            lines += [
+                "| test | without | with | message (start) |",
+                "|---|---|---|---|",
+                *(pair_row(test_id, pair) for test_id, pair in rows.items()),
+                "",
+            ]
     if cmp.stale_nan_entries:
-        lines += ["## suite.NAN_ASSERTING entries that no longer differ", "",
-                  *(f"- `{entry}`" for entry in cmp.stale_nan_entries), ""]
+        lines += [
+            "## suite.NAN_ASSERTING entries that no longer differ",
+            "",
+            *(f"- `{entry}`" for entry in cmp.stale_nan_entries),
+            "",
+        ]
     (out / f"upstream-{device}.md").write_text("\n".join(lines))
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tests.upstream", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--src", type=Path, help="a PyTorch source checkout (the folder holding test/); "
-                        "default ~/.cache/attnpatch/pytorch-v<installed torch version>")
-    parser.add_argument("--fetch", action="store_true", help="clone the installed torch's release tag into --src if missing")
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.upstream", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--src",
+        type=Path,
+        help="a PyTorch source checkout (the folder holding test/); "
+        "default ~/.cache/attnpatch/pytorch-v<installed torch version>",
+    )
+    parser.add_argument(
+        "--fetch", action="store_true", help="clone the installed torch's release tag into --src if missing"
+    )
     parser.add_argument("--device", default="cpu", help="device types to instantiate (PyTorch's only_for), default cpu")
     parser.add_argument("--report", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--source-label", help="how the report names the test files' origin (default: --src)")
@@ -191,16 +277,23 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"no PyTorch checkout at {src}; pass --fetch to clone the release tag", file=sys.stderr)
                 return 2
             fetch(src)
-        meta = {**versions(), "device": args.device, "source": source_description(src, args.source_label),
-                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                "load_average": os.getloadavg(), "seconds": {}, "cpu_seconds": {}}
+        meta = {
+            **versions(),
+            "device": args.device,
+            "source": source_description(src, args.source_label),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "load_average": os.getloadavg(),
+            "seconds": {},
+            "cpu_seconds": {},
+        }
         keep = args.keep or Path(tempfile.mkdtemp(prefix="attnpatch-upstream-"))
         keep.mkdir(parents=True, exist_ok=True)
         results = {}
         for name, patched in (("baseline", False), ("patched", True)):
             junit = keep / f"{name}.xml"
             meta["seconds"][name], meta["cpu_seconds"][name] = run_pytest(
-                src / "test", patched=patched, device=args.device, junit=junit, extra=args.pytest_args)
+                src / "test", patched=patched, device=args.device, junit=junit, extra=args.pytest_args
+            )
             results[name] = read_junit(junit)
         (keep / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
         print(f"junit files and meta.json kept in {keep} (--reuse {keep} compares them again)")
@@ -208,10 +301,12 @@ def main(argv: list[str] | None = None) -> int:
     cmp = compare(results["baseline"], results["patched"], suite.NAN_ASSERTING)
     write_report(args.report, args.device, meta, results["baseline"], results["patched"], cmp)
     print(f"baseline {counts(results['baseline'])}, patched {counts(results['patched'])}")
-    print(f"{len(cmp.regressions)} regressions, {len(cmp.nan_expected)} NaN-asserting (expected), "
-          f"{len(cmp.fixed)} fixed, {len(cmp.fail_both)} failing in both; "
-          f"report: {args.report / f'upstream-{args.device}.md'}")
-    for test_id, (before, after) in cmp.regressions.items():
+    print(
+        f"{len(cmp.regressions)} regressions, {len(cmp.nan_expected)} NaN-asserting (expected), "
+        f"{len(cmp.fixed)} fixed, {len(cmp.fail_both)} failing in both; "
+        f"report: {args.report / f'upstream-{args.device}.md'}"
+    )
+    for test_id, (_before, after) in cmp.regressions.items():
         print(f"REGRESSION {test_id}: {after.outcome}: {after.message}")
     for entry in cmp.stale_nan_entries:
         print(f"STALE suite.NAN_ASSERTING entry (no test there differs): {entry}")

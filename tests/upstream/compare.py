@@ -6,7 +6,6 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
 MESSAGE_CHARS = 240
 
 
@@ -28,8 +27,9 @@ class Comparison:
 
 def listed(test_id: str, entries) -> bool:
     """True when an entry (a node id or a node id prefix, as --deselect takes) covers test_id."""
-    return any(test_id == entry or test_id.startswith(entry + "::") or test_id.startswith(entry + "[")
-               for entry in entries)
+    return any(
+        test_id == entry or test_id.startswith(entry + "::") or test_id.startswith(entry + "[") for entry in entries
+    )
 
 
 def compare(baseline: dict[str, Result], patched: dict[str, Result], nan_asserting) -> Comparison:

@@ -20,8 +20,7 @@ OUT_OF_SCOPE = {
     # Builds a C++ extension (ninja, test/cpp_extensions) that registers a fake
     # PrivateUse1 device; it tests dispatch to that device's kernel, not attention
     # on CPU, and cannot build without PyTorch's source tree and a compiler.
-    "test_transformers.py::TestSDPAPrivateUse1Only":
-        "builds a C++ extension for a fake PrivateUse1 device",
+    "test_transformers.py::TestSDPAPrivateUse1Only": "builds a C++ extension for a fake PrivateUse1 device",
 }
 
 # Pass without attnpatch only because they expect NaN on fully masked rows, or
@@ -32,8 +31,6 @@ NAN_ASSERTING = {
     # reference whose softmax is NaN on rows where attn_mask and key_padding_mask
     # leave no key, through np.testing.assert_allclose, which counts NaN == NaN as
     # equal; under attnpatch those rows are out_proj(0) and their weights 0.
-    "nn/test_multihead_attention.py::TestMultiheadAttentionNN::test_multihead_attention_average_attn_weights_False":
-        "NumPy reference is NaN on fully masked rows (assert_allclose, NaN == NaN)",
-    "nn/test_multihead_attention.py::TestMultiheadAttentionNN::test_multihead_attention_average_attn_weights_True":
-        "NumPy reference is NaN on fully masked rows (assert_allclose, NaN == NaN)",
+    "nn/test_multihead_attention.py::TestMultiheadAttentionNN::test_multihead_attention_average_attn_weights_False": "NumPy reference is NaN on fully masked rows (assert_allclose, NaN == NaN)",
+    "nn/test_multihead_attention.py::TestMultiheadAttentionNN::test_multihead_attention_average_attn_weights_True": "NumPy reference is NaN on fully masked rows (assert_allclose, NaN == NaN)",
 }

@@ -24,10 +24,18 @@ def test_a_test_missing_from_the_patched_run_is_a_regression():
 
 
 def test_other_transitions_are_sorted_not_flagged():
-    baseline = {"m.py::T::test_fixed": FAIL, "m.py::T::test_broken": FAIL, "m.py::T::test_skip": SKIP,
-                "m.py::T::test_same": PASS}
-    patched = {"m.py::T::test_fixed": PASS, "m.py::T::test_broken": FAIL, "m.py::T::test_skip": SKIP,
-               "m.py::T::test_same": PASS}
+    baseline = {
+        "m.py::T::test_fixed": FAIL,
+        "m.py::T::test_broken": FAIL,
+        "m.py::T::test_skip": SKIP,
+        "m.py::T::test_same": PASS,
+    }
+    patched = {
+        "m.py::T::test_fixed": PASS,
+        "m.py::T::test_broken": FAIL,
+        "m.py::T::test_skip": SKIP,
+        "m.py::T::test_same": PASS,
+    }
 
     result = compare(baseline, patched, {})
 
@@ -62,13 +70,13 @@ def test_an_entry_covers_the_tests_under_it_only():
 def test_junit_cases_become_node_ids_with_outcome_and_message_on_one_line(tmp_path):
     xml = tmp_path / "run.xml"
     xml.write_text(
-        '<testsuites><testsuite>'
+        "<testsuites><testsuite>"
         '<testcase classname="test_transformers.TestAttnBiasCPU" name="test_ok_cpu"/>'
         '<testcase classname="nn.test_multihead_attention.TestMHA" name="test_bad">'
         '<failure message="AssertionError: not close&#10;second line">trace</failure></testcase>'
         '<testcase classname="test_transformers.TestSDPACPU" name="test_gpu"><skipped message="no CUDA"/></testcase>'
         '<testcase classname="test_transformers.TestSDPACPU" name="test_setup"><error message="boom"/></testcase>'
-        '</testsuite></testsuites>'
+        "</testsuite></testsuites>"
     )
 
     assert read_junit(xml) == {

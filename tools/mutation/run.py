@@ -70,75 +70,96 @@ LIFECYCLE = ("tests/core/test_families.py", "tests/core/test_lifecycle.py", "tes
 MUTANTS = [
     # --- attnpatch/masks.py ---------------------------------------------------
     Mutant(
-        "M01", "attnpatch/masks.py",
+        "M01",
+        "attnpatch/masks.py",
         "all_masked = input[index].amax(-1) == NEG_INF",
         "all_masked = input[index].amin(-1) == NEG_INF",
-        SOFTMAX, "softmax, CPU path: a row with any -inf counts as fully masked (+inf/-inf row zeroed, not NaN)",
+        SOFTMAX,
+        "softmax, CPU path: a row with any -inf counts as fully masked (+inf/-inf row zeroed, not NaN)",
     ),
     Mutant(
-        "M02", "attnpatch/masks.py",
+        "M02",
+        "attnpatch/masks.py",
         "clear_result_rows(out, input.amax(-1, keepdim=True) == NEG_INF, keepdim=True)",
         "clear_result_rows(out, input.amin(-1, keepdim=True) == NEG_INF, keepdim=True)",
-        SOFTMAX, "softmax, general path: the same (amin for amax)",
+        SOFTMAX,
+        "softmax, general path: the same (amin for amax)",
     ),
     Mutant(
-        "M03", "attnpatch/masks.py",
+        "M03",
+        "attnpatch/masks.py",
         "    return mask.amax(-1, keepdim) == NEG_INF\n",
         "    return mask.amin(-1, keepdim) == NEG_INF\n",
-        MASKS, "fully_masked_rows, eager float mask: one -inf key masks the whole row",
+        MASKS,
+        "fully_masked_rows, eager float mask: one -inf key masks the whole row",
     ),
     Mutant(
-        "M04", "attnpatch/masks.py",
+        "M04",
+        "attnpatch/masks.py",
         "return words.amin(-1, keepdim) == _ALL_TRUE_WORD if drop",
         "return words.amax(-1, keepdim) == _ALL_TRUE_WORD if drop",
-        MASKS, "fully_masked_rows, large bool drop mask read as int32 words: one all-masked word masks the row",
+        MASKS,
+        "fully_masked_rows, large bool drop mask read as int32 words: one all-masked word masks the row",
     ),
     Mutant(
-        "M05", "attnpatch/masks.py",
+        "M05",
+        "attnpatch/masks.py",
         "mask.shape[-1] >= 1 << 15",
         "mask.shape[-1] >= 1 << 17",
         ("tests/core/test_masks.py", "tests/core/test_compile.py"),
         "key count in int16 for rows of up to 131071 keys (a row of 65536 admitted keys counts 0)",
     ),
     Mutant(
-        "M06", "attnpatch/masks.py",
+        "M06",
+        "attnpatch/masks.py",
         "safe = mask if in_place else mask.clone()",
         "safe = mask",
-        MASKS + ("tests/core/test_mha.py",), "admit_rows writes into the caller's float mask",
+        MASKS + ("tests/core/test_mha.py",),
+        "admit_rows writes into the caller's float mask",
     ),
     Mutant(
-        "M07", "attnpatch/masks.py",
+        "M07",
+        "attnpatch/masks.py",
         "if (out.requires_grad and torch.is_grad_enabled()) or not is_plain(out)",
         "if not is_plain(out)",
-        MASKS + ("tests/core/test_mha.py",), "clear_result_rows clears in place an output autograd recorded",
+        MASKS + ("tests/core/test_mha.py",),
+        "clear_result_rows clears in place an output autograd recorded",
     ),
     Mutant(
-        "M08", "attnpatch/masks.py",
+        "M08",
+        "attnpatch/masks.py",
         "if entry is None or entry[0]() is not mask or entry[1] != mask._version:",
         "if entry is None or entry[0]() is not mask:",
-        MASKS + ("tests/core/test_mha.py",), "mask cache ignores in-place changes of the mask (stale rows)",
+        MASKS + ("tests/core/test_mha.py",),
+        "mask cache ignores in-place changes of the mask (stale rows)",
     ),
     Mutant(
-        "M09", "attnpatch/masks.py",
+        "M09",
+        "attnpatch/masks.py",
         "if ref is not None and ref() is rows and last_keepdim == keepdim and kept.dtype == dtype:",
         "if ref is not None and last_keepdim == keepdim and kept.dtype == dtype:",
-        MASKS, "kept-rows cache reused for other rows (clears the wrong rows)",
+        MASKS,
+        "kept-rows cache reused for other rows (clears the wrong rows)",
     ),
     Mutant(
-        "M10", "attnpatch/masks.py",
+        "M10",
+        "attnpatch/masks.py",
         "return mask.amax(-1) <= lowest",
         "return mask.amin(-1) <= lowest",
         ("tests/hf/test_attention.py", "tests/hf/test_eager_models.py"),
         "hf_fully_masked_rows: one masked key masks the row (valid rows zeroed)",
     ),
     Mutant(
-        "M11", "attnpatch/masks.py",
+        "M11",
+        "attnpatch/masks.py",
         "    if not torch.equal(keep, positions < lengths.unsqueeze(-1)):\n        return None\n",
         "",
-        ("tests/hf/test_generate.py",), "right_padding_lengths takes left padding and holes for right padding",
+        ("tests/hf/test_generate.py",),
+        "right_padding_lengths takes left padding and holes for right padding",
     ),
     Mutant(
-        "M12", "attnpatch/masks.py",
+        "M12",
+        "attnpatch/masks.py",
         "mask.shape[-1] >= 1 << 15",
         "mask.shape[-1] >= 1 << 16",
         ("tests/core/test_masks.py",),
@@ -149,60 +170,72 @@ MUTANTS = [
     ),
     # --- attnpatch/_patching.py -----------------------------------------------
     Mutant(
-        "P01", "attnpatch/_patching.py",
+        "P01",
+        "attnpatch/_patching.py",
         "if self._prepared is None or self._prepared[0] is not original:",
         "if self._prepared is None:",
         LIFECYCLE + ("tests/hf/test_attention.py",),
         "PlainFunctionPoint keeps the replacement of an original that changed while off (runs the stale one)",
     ),
     Mutant(
-        "P02", "attnpatch/_patching.py",
+        "P02",
+        "attnpatch/_patching.py",
         "if self._spare is None or self._spare[0].__wrapped__ is not original:",
         "if self._spare is None:",
         LIFECYCLE + ("tests/core/test_softmax.py",),
         "PatchPoint keeps the wrapper of an original that changed while off (runs the stale one)",
     ),
     Mutant(
-        "P03", "attnpatch/_patching.py",
-        "            self._prepared = None\n            self.state, self.note = \"displaced\"",
-        "            self.state, self.note = \"displaced\"",
-        LIFECYCLE, "PlainFunctionPoint reuses a displaced replacement (which comes back to life)",
+        "P03",
+        "attnpatch/_patching.py",
+        '            self._prepared = None\n            self.state, self.note = "displaced"',
+        '            self.state, self.note = "displaced"',
+        LIFECYCLE,
+        "PlainFunctionPoint reuses a displaced replacement (which comes back to life)",
     ),
     Mutant(
-        "P04", "attnpatch/_patching.py",
+        "P04",
+        "attnpatch/_patching.py",
         "if point._token is not token",
         "if point._token is None",
-        LIFECYCLE, "an old installation's wrapper acts again once the point is reinstalled (fix applied twice)",
+        LIFECYCLE,
+        "an old installation's wrapper acts again once the point is reinstalled (fix applied twice)",
     ),
     Mutant(
-        "P05", "attnpatch/_patching.py",
+        "P05",
+        "attnpatch/_patching.py",
         "        self._token = None  # from now on the wrapper passes every call through\n",
         "",
         LIFECYCLE + ("tests/core/test_softmax.py",),
         "after remove(), a wrapper still referenced somewhere keeps fixing calls",
     ),
     Mutant(
-        "P06", "attnpatch/_patching.py",
+        "P06",
+        "attnpatch/_patching.py",
         "        _holders.subtract(_switch)\n",
         "",
-        ("tests/core/test_lifecycle.py",), "apply() twice counts twice: remove() leaves targets installed",
+        ("tests/core/test_lifecycle.py",),
+        "apply() twice counts twice: remove() leaves targets installed",
     ),
     Mutant(
-        "P07", "attnpatch/_patching.py",
+        "P07",
+        "attnpatch/_patching.py",
         "if on_module and type(original) is types.FunctionType and not _from_torch(original):",
         "if False:",
         ("tests/core/test_compile.py",),
         "another library's Python function in SDPA's place gets a wrapt proxy (dynamo traces past the fix)",
     ),
     Mutant(
-        "P08", "attnpatch/_patching.py",
+        "P08",
+        "attnpatch/_patching.py",
         "        self.loader.exec_module(module)\n        _on_import(sys.modules.get(module.__name__, module))\n",
         "        self.loader.exec_module(module)\n",
         ("tests/core/test_families.py", "tests/hf/test_eager_models.py"),
         "model files imported after apply() are not patched",
     ),
     Mutant(
-        "P09", "attnpatch/_patching.py",
+        "P09",
+        "attnpatch/_patching.py",
         "        return [name for name in fresh if self.matches(name)]\n",
         "        return []\n",
         ("tests/hf/test_eager_models.py", "tests/core/test_families.py"),
@@ -210,64 +243,76 @@ MUTANTS = [
     ),
     # --- attnpatch/targets/ -----------------------------------------------------
     Mutant(
-        "T01", "attnpatch/targets/torch_softmax.py",
+        "T01",
+        "attnpatch/targets/torch_softmax.py",
         "and dim in (-1, input.dim() - 1)",
         "and dim == -1",
-        ("tests/core/test_softmax.py",), "softmax target: dim=ndim-1 (the last dim, named positively) not fixed",
+        ("tests/core/test_softmax.py",),
+        "softmax target: dim=ndim-1 (the last dim, named positively) not fixed",
     ),
     Mutant(
-        "T02", "attnpatch/targets/torch_softmax.py",
+        "T02",
+        "attnpatch/targets/torch_softmax.py",
         " or not known.issuperset(kwargs):",
         ":",
-        ("tests/core/test_softmax.py",), "softmax target swallows an unknown keyword argument instead of torch's error",
+        ("tests/core/test_softmax.py",),
+        "softmax target swallows an unknown keyword argument instead of torch's error",
     ),
     Mutant(
-        "T03", "attnpatch/targets/torch_sdpa.py",
+        "T03",
+        "attnpatch/targets/torch_sdpa.py",
         "backward = torch.is_grad_enabled() and (",
         "backward = False and (",
         ("tests/core/test_general_path.py", "tests/core/test_sdpa.py"),
         "sdpa target never gives fully masked rows a key before a backward (0 * NaN in gradients)",
     ),
     Mutant(
-        "T04", "attnpatch/targets/torch_mha.py",
+        "T04",
+        "attnpatch/targets/torch_mha.py",
         "rows = per_head_rows.amin(1)",
         "rows = per_head_rows.amax(1)",
         ("tests/core/test_mha.py", "tests/core/test_general_path.py"),
         "native MHA: a row masked in some heads only is cleared as if masked in all",
     ),
     Mutant(
-        "T05", "attnpatch/targets/torch_transformer.py",
+        "T05",
+        "attnpatch/targets/torch_transformer.py",
         "return masks.native_rows_per_head(head_rows, mask_type).amax(1)",
         "return masks.native_rows_per_head(head_rows, mask_type).amin(1)",
         ("tests/core/test_transformer.py", "tests/core/test_general_path.py"),
         "encoder layer: a row masked in some heads only keeps its NaN",
     ),
     Mutant(
-        "T06", "attnpatch/targets/hf_attention.py",
+        "T06",
+        "attnpatch/targets/hf_attention.py",
         "safe_mask = mask.masked_fill(rows.unsqueeze(-1), masks.NEG_INF)",
         "safe_mask = mask",
         ("tests/hf/test_eager_models.py", "tests/hf/test_attention.py"),
         "eager: rows marked with the lowest finite value are not turned to -inf (pad rows not zeroed)",
     ),
     Mutant(
-        "T07", "attnpatch/targets/hf_attention.py",
-        "    if any(names[i - 2 : i] != [\"nn\", \"functional\"] for i in softmaxes):\n",
+        "T07",
+        "attnpatch/targets/hf_attention.py",
+        '    if any(names[i - 2 : i] != ["nn", "functional"] for i in softmaxes):\n',
         "    if False:\n",
         ("tests/hf/test_eager_models.py",),
         "eager: functions whose softmax the safe copy cannot reach (gpt_oss's F.softmax) are patched anyway",
     ),
     Mutant(
-        "T08", "attnpatch/targets/hf_attention.py",
-        "== \"sdpa\" and mask.dtype == torch.bool and _sdpa_fixes_it(",
-        "== \"sdpa\" and _sdpa_fixes_it(",
+        "T08",
+        "attnpatch/targets/hf_attention.py",
+        '== "sdpa" and mask.dtype == torch.bool and _sdpa_fixes_it(',
+        '== "sdpa" and _sdpa_fixes_it(',
         ("tests/hf/test_attention.py",),
         "transformers' sdpa: float masks passed through as if torch's kernel fixed them (rows of the lowest value)",
     ),
     Mutant(
-        "T09", "attnpatch/targets/hf_tokenizer.py",
-        "    if \"padding_side\" not in kwargs:\n",
+        "T09",
+        "attnpatch/targets/hf_tokenizer.py",
+        '    if "padding_side" not in kwargs:\n',
         "    if True:\n",
-        ("tests/hf/test_tokenizer.py",), "tokenizer target overrides the caller's own padding_side",
+        ("tests/hf/test_tokenizer.py",),
+        "tokenizer target overrides the caller's own padding_side",
     ),
 ]
 
@@ -279,10 +324,16 @@ def export_tree(destination: Path, rev: str | None) -> None:
         archive = subprocess.run(["git", "archive", rev], cwd=ROOT, check=True, capture_output=True).stdout
         subprocess.run(["tar", "-x", "-C", str(destination)], input=archive, check=True)
         return
-    listed = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=ROOT, check=True, capture_output=True,
-    ).stdout.decode().split("\0")
+    listed = (
+        subprocess.run(
+            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     for name in filter(None, listed):
         source = ROOT / name
         if source.is_file():
@@ -316,7 +367,11 @@ def check_copy(tree: Path) -> None:
     env = dict(os.environ, PYTHONPATH=str(tree))
     where = subprocess.run(
         [sys.executable, "-c", "import attnpatch; print(attnpatch.__file__)"],
-        cwd=tree, env=env, check=True, capture_output=True, text=True,
+        cwd=tree,
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout.strip()
     if not Path(where).resolve().is_relative_to(tree.resolve()):
         sys.exit(f"the copy's attnpatch is not the one imported ({where}); nothing would be mutated")
@@ -342,9 +397,16 @@ def main() -> int:
         parser.error(f"unknown mutant(s): {sorted(unknown)}")
     report_path = options.report or (REPORT if not options.ids else None)
     rev = None if options.worktree else options.rev
-    source = "the working tree" if rev is None else (
-        rev + " = " + subprocess.run(["git", "rev-parse", "--short", rev], cwd=ROOT, check=True,
-                                     capture_output=True, text=True).stdout.strip()
+    source = (
+        "the working tree"
+        if rev is None
+        else (
+            rev
+            + " = "
+            + subprocess.run(
+                ["git", "rev-parse", "--short", rev], cwd=ROOT, check=True, capture_output=True, text=True
+            ).stdout.strip()
+        )
     )
 
     started = time.monotonic()
@@ -403,7 +465,9 @@ def render(rows: list, source: str, elapsed: float) -> str:
         versions = f"torch {torch.__version__}, transformers {transformers.__version__}"
     except ImportError:
         versions = f"torch {torch.__version__}, no transformers"
-    counts = {v: sum(1 for _, verdict, _, _ in rows if verdict == v) for v in ("killed", "survived", "stale", "no test")}
+    counts = {
+        v: sum(1 for _, verdict, _, _ in rows if verdict == v) for v in ("killed", "survived", "stale", "no test")
+    }
     lines = [
         "# Mutation run",
         "",
@@ -417,7 +481,11 @@ def render(rows: list, source: str, elapsed: float) -> str:
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for m, verdict, detail, seconds in rows:
-        why = ("harmless, see below" if m.harmless else "a hole, see below" if m.hole else detail) if verdict == "survived" else detail
+        why = (
+            ("harmless, see below" if m.harmless else "a hole, see below" if m.hole else detail)
+            if verdict == "survived"
+            else detail
+        )
         lines.append(
             f"| {m.id} | {m.file.removeprefix('attnpatch/')} | {m.what} | {verdict} | {_cell(why)} | {seconds:.0f} |"
         )
