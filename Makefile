@@ -59,10 +59,11 @@ $(VENV_NOX)/.ready:
 demo: $(VENV)/.ready
 	$(VENV)/bin/python -m attnpatch.demo
 
-# The two legs run side by side (one leg alone keeps about 1.3 of 2 cores busy:
-# much of it is subprocesses starting torch), each leg's output printed whole
-# when it ends, with its time.
-test:
+# Lint first (seconds; a lint or type error stops here), then the two legs side
+# by side (one leg alone keeps about 1.3 of 2 cores busy: much of it is
+# subprocesses starting torch), each leg's output printed whole when it ends,
+# with its time.
+test: lint
 	$(MAKE) --jobs=2 --keep-going --output-sync=target test-edge-oldest test-edge-newest
 
 # The whole suite on this machine's CPU build of torch 2.13 with transformers 5
