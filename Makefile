@@ -20,10 +20,12 @@ TRANSFORMERS ?=
 # newest leg; the oldest leg leaves out the tests marked any_version (their
 # outcome cannot depend on a Python, torch or transformers release:
 # pyproject.toml). Their environments (about 5 GB each, mostly hard links into
-# uv's cache) live outside the clone, one per entry, and are reused by the next
-# run. EDGE_RECORD=1 also writes their results into the versions table, as `make
-# matrix` does, and then runs every test in both legs (off by default: `make
-# test` leaves the tree as it found it).
+# uv's cache) live in the clone (.nox/edges, one per entry) and are reused by
+# its next run; uv's cache lies outside it (EDGE_CACHE), shared by every clone
+# on the machine (uv locks it), so that runs from two clones at once never
+# share an environment. EDGE_RECORD=1 also writes their results into the
+# versions table, as `make matrix` does, and then runs every test in both legs
+# (off by default: `make test` leaves the tree as it found it).
 test-edge-oldest: EDGE_PYTHON := 3.10
 test-edge-oldest: EDGE_ENTRY := tests(python='3.10', torch='2.5', transformers='4.57')
 test-edge-oldest: EDGE_SELECT := -m "not any_version"
@@ -31,6 +33,7 @@ test-edge-newest: EDGE_PYTHON := 3.13
 test-edge-newest: EDGE_ENTRY := tests(python='3.13', torch='2.15', transformers='5.24')
 test-edge-newest: EDGE_SELECT :=
 EDGE_CACHE ?= $(HOME)/.cache/attnpatch-ci
+EDGE_ENVS ?= $(CURDIR)/.nox/edges
 EDGE_RECORD ?= 0
 
 .PHONY: demo test test-main test-hf4 test-edges test-edge-oldest test-edge-newest matrix lint bench bench-quick cuda-report upstream clean
@@ -82,7 +85,7 @@ test-edge-oldest test-edge-newest: $(VENV_NOX)/.ready
 		|| { echo "$@: needs Python $(EDGE_PYTHON) for $(EDGE_ENTRY)" >&2; exit 1; }
 	@started=$$(date +%s); \
 	UV_CACHE_DIR=$(EDGE_CACHE)/uv ATTNPATCH_MATRIX_RECORD=$(EDGE_RECORD) $(VENV_NOX)/bin/python -m nox \
-		--envdir $(EDGE_CACHE)/nox --reuse-venv=yes --error-on-missing-interpreters -s "$(EDGE_ENTRY)" \
+		--envdir $(EDGE_ENVS) --reuse-venv=yes --error-on-missing-interpreters -s "$(EDGE_ENTRY)" \
 		-- $(if $(filter 1,$(EDGE_RECORD)),,$(EDGE_SELECT)) $(PYTEST_ARGS); \
 	status=$$?; echo "$@ ($(EDGE_ENTRY)): exit $$status after $$(( $$(date +%s) - started )) s"; exit $$status
 
