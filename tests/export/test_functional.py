@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tests.core.test_functional import B, E, L, _Model, _qkv
+from tests.torch_baseline import unpatched_or_skip
 
 
 def test_onnx_runtime():
@@ -23,7 +24,11 @@ def test_onnx_runtime():
         level = logging.root.manager.disable
         logging.disable(logging.WARNING)  # the ONNX exporter reports every step
         try:
-            program = torch.onnx.export(model, inputs, dynamo=True, verbose=False)
+            # Nothing is patched here: where this torch cannot export the model
+            # (torch 2.5 refuses module-level mask tensors), the test skips.
+            program = unpatched_or_skip(
+                lambda: torch.onnx.export(model, inputs, dynamo=True, verbose=False), "ONNX export of this case"
+            )
         finally:
             logging.disable(level)
     session = ort.InferenceSession(program.model_proto.SerializeToString(), providers=["CPUExecutionProvider"])
