@@ -543,6 +543,52 @@ def torchscript_onnx_export():
     return seen
 
 
+@case("onnx")
+def torchscript_onnx_export_of_a_left_padded_llama():
+    """jit.trace and the TorchScript-based ONNX exporter on a tiny left-padded
+    Llama, eager and sdpa attention: valid rows as in eager; pad rows as the
+    fixed eager model's (attnpatch.patched() for that reference only)."""
+    import onnxruntime
+
+    import attnpatch
+
+    seen = {}
+    for attn in ("eager", "sdpa"):
+        model = LogitsOf(tiny_llama(attn).eval())
+        try:
+            buffer = io.BytesIO()
+            with torch.no_grad():
+                with scope():
+                    traced = torch.jit.trace(model, (IDS, ATTENTION))
+                    torch.onnx.export(model, (IDS, ATTENTION), buffer, dynamo=False, opset_version=17)
+                plain = model(IDS, ATTENTION)
+                with attnpatch.patched():
+                    fixed = model(IDS, ATTENTION)
+                traced_out = traced(IDS, ATTENTION)
+            session = onnxruntime.InferenceSession(buffer.getvalue())
+            feeds = {arg.name: t.numpy() for arg, t in zip(session.get_inputs(), (IDS, ATTENTION))}
+            out = torch.from_numpy(session.run(None, feeds)[0])
+            valid, pads = ATTENTION.bool(), ~ATTENTION.bool()
+            seen[attn] = {
+                "valid_close": [bool(torch.allclose(o[valid], plain[valid], atol=1e-5)) for o in (traced_out, out)],
+                "fix_pads_as_fixed_eager": [
+                    bool(torch.allclose(o[pads], fixed[pads], atol=1e-5)) for o in (traced_out, out)
+                ],
+            }
+        except Exception as exc:  # noqa: BLE001 - the error is the observation
+            seen[attn] = error(exc)
+    return seen
+
+
+class LogitsOf(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids, attention_mask):
+        return self.model(input_ids=ids, attention_mask=attention_mask, use_cache=False).logits
+
+
 # --- group "hf": transformers models, generate(), gradient checkpointing, serialization
 
 

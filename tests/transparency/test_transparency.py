@@ -115,6 +115,18 @@ def test_traced_and_exported_graphs_carry_the_fix(observed):
     assert without["mha"]["fix_masked_rows"] != with_attnpatch["mha"]["fix_masked_rows"]
 
 
+def test_traced_and_exported_llama_carries_the_fix(observed):
+    """A tiny left-padded Llama through jit.trace and the TorchScript-based ONNX
+    exporter: pad rows as the fixed eager model's with attnpatch (eager
+    attention: not without it), valid rows as eager either way."""
+    _needs("onnx")
+    _needs("hf")
+    without, with_attnpatch = (run["torchscript_onnx_export_of_a_left_padded_llama"] for run in observed("onnx"))
+    for attn in ("eager", "sdpa"):
+        assert with_attnpatch[attn] == {"valid_close": [True, True], "fix_pads_as_fixed_eager": [True, True]}, attn
+    assert without["eager"]["fix_pads_as_fixed_eager"] == [False, False]
+
+
 def test_hf_gradient_checkpointing_gets_the_fix(observed):
     """transformers' gradient checkpointing, forward in a scope and backward
     after it: the recomputation gets the fix its forward had (else the pad rows
