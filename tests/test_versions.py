@@ -5,6 +5,7 @@ are the oldest releases the matrix passed, with no cap on torch, and its Python
 classifiers are exactly the Pythons that passed."""
 
 import os
+import re
 import sys
 
 import pytest
@@ -97,8 +98,12 @@ def test_python_classifiers_and_floor_are_the_pythons_that_passed(data, project)
 
 def test_make_test_runs_the_oldest_and_newest_entries():
     makefile = (versions.ROOT / "Makefile").read_text()
-    legs = makefile.split("\ntest:\n", 1)[1].splitlines()[0].split()  # CI runs `make test`
+    # CI runs `make test`: its rule (prerequisites, such as lint, may come first) and the recipe's first line.
+    rule = re.search(r"^test:.*\n\t(.*)$", makefile, re.M)
+    assert rule, "no `test:` rule with a recipe in the Makefile"
+    legs = rule.group(1).split()
     assert {"test-edge-oldest", "test-edge-newest"} <= set(legs)
+    assert "lint" in rule.group(0).splitlines()[0].split()[1:], "make test runs make lint first"
     for leg, entry in (
         ("test-edge-oldest", versions.matrix_entries()[0]),
         ("test-edge-newest", versions.matrix_entries()[-1]),
