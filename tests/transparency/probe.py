@@ -569,8 +569,11 @@ def torchscript_onnx_export_of_a_left_padded_llama():
             feeds = {arg.name: t.numpy() for arg, t in zip(session.get_inputs(), (IDS, ATTENTION))}
             out = torch.from_numpy(session.run(None, feeds)[0])
             valid, pads = ATTENTION.bool(), ~ATTENTION.bool()
+            # Valid rows of the ONNX model are part of the fix: without attnpatch,
+            # on torch 2.5 the NaN of pad rows reaches them in ONNX Runtime.
             seen[attn] = {
-                "valid_close": [bool(torch.allclose(o[valid], plain[valid], atol=1e-5)) for o in (traced_out, out)],
+                "traced_valid_close": bool(torch.allclose(traced_out[valid], plain[valid], atol=1e-5)),
+                "fix_onnx_valid_close": bool(torch.allclose(out[valid], plain[valid], atol=1e-5)),
                 "fix_pads_as_fixed_eager": [
                     bool(torch.allclose(o[pads], fixed[pads], atol=1e-5)) for o in (traced_out, out)
                 ],

@@ -123,7 +123,11 @@ def test_traced_and_exported_llama_carries_the_fix(observed):
     _needs("hf")
     without, with_attnpatch = (run["torchscript_onnx_export_of_a_left_padded_llama"] for run in observed("onnx"))
     for attn in ("eager", "sdpa"):
-        assert with_attnpatch[attn] == {"valid_close": [True, True], "fix_pads_as_fixed_eager": [True, True]}, attn
+        assert with_attnpatch[attn] == {
+            "traced_valid_close": True,
+            "fix_onnx_valid_close": True,
+            "fix_pads_as_fixed_eager": [True, True],
+        }, attn
     assert without["eager"]["fix_pads_as_fixed_eager"] == [False, False]
 
 
